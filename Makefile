@@ -1,0 +1,39 @@
+# Set-up and entry points. `make demo` and `make test` install everything they need.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= workdirs/demo
+
+.PHONY: install test demo lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Fashion-MNIST from Debian (MIT licence), when we are root and it is not there yet.
+.PHONY: fashion-mnist
+fashion-mnist:
+	@if [ ! -d /usr/share/datasets/fashion-mnist ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+	  else echo "need root (or: sudo apt-get install dataset-fashion-mnist)"; exit 1; fi; \
+	fi
+
+test: install fashion-mnist
+	$(PY) -m pytest -q tests
+
+demo: install fashion-mnist
+	bash launch/local.sh configs/fashion_mnist_transfer.py:pretrain $(DEMO_DIR)/pretrain
+	bash launch/local.sh configs/fashion_mnist_transfer.py:transfer $(DEMO_DIR)/transfer \
+	  --config.init.pretrained=$(DEMO_DIR)/pretrain
+
+lint: install
+	$(VENV)/bin/ruff check tljax tests configs
+
+clean:
+	rm -rf $(VENV) workdirs

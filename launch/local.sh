@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Run one training job on this machine: launch/local.sh CONFIG[:ARG] WORKDIR [--config.a.b=v ...]
+set -euo pipefail
+if [ "$#" -lt 2 ]; then
+  echo "usage: $0 CONFIG[:ARG] WORKDIR [--config.key=value ...]" >&2
+  exit 2
+fi
+config=$1
+workdir=$2
+shift 2
+here=$(cd "$(dirname "$0")/.." && pwd)
+python=${PYTHON:-$here/.venv/bin/python}
+exec "$python" -m tljax.train --config="$config" --workdir="$workdir" "$@"

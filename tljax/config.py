@@ -1,0 +1,97 @@
+"""Config helpers: the defaults every config starts from, key checking, step arithmetic.
+
+A config file is Python (`get_config(arg)` returning a ConfigDict) and is trusted as code. Every
+key it sets must exist in `base_config()`, except under `model`, whose extra keys are passed to
+the model's constructor; the CLI locks the config, so a misspelt override is an error too.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+from tljax.errors import UserError
+
+FREE_FORM = ('model',)  # sections whose keys are not fixed
+
+
+class ConfigError(UserError):
+  """A config key that does not exist or holds an unusable value."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every key tljax reads, with its default."""
+  c = ml_collections.ConfigDict()
+  c.model = dict(name='small_cnn', num_classes=10)
+  c.init = dict(pretrained=placeholder(str), dont_load=())
+  c.data = dict(
+      source='tfds',  # 'tfds' | 'folder' | 'npz' | 'idx'
+      name='', path='', data_dir=placeholder(str), image_key='image', label_key='label',
+      classes=placeholder(tuple),  # keep only these class ids, relabelled 0..n-1 in this order
+      train_split='train', eval_split='test',
+      image_size=32, resize_size=placeholder(int), channels=3, augment=True,
+      mean=placeholder(tuple), std=placeholder(tuple),
+      batch_size=32, eval_batch_size=placeholder(int),
+      examples_per_class=placeholder(int), subset_seed=0, shuffle_buffer=10_000,
+  )
+  c.optim = dict(
+      name='sgd', lr=0.01, momentum=0.9, nesterov=False, weight_decay=0.0,
+      b1=0.9, b2=0.999, eps=1e-8, clip_norm=placeholder(float), label_smoothing=0.0,
+      schedule=dict(name='cosine', warmup_steps=0, end_factor=0.0, boundaries=(0.5, 0.75),
+                    decay_factor=0.1),
+      groups=[('.*', {})],
+  )
+  c.total_steps = 100
+  c.total_epochs = placeholder(float)  # when set, overrides total_steps
+  c.log_every = 10
+  c.eval_every = 0  # 0: evaluate at the end only
+  c.checkpoint_every = 50
+  c.keep_checkpoints = 3
+  c.seed = 0
+  c.parallel = 'jit'  # 'jit' (sharded over a mesh) | 'pmap'
+  return c
+
+
+def _check(user: Any, defaults: Any, prefix: str) -> None:
+  for key in user:
+    path = f'{prefix}{key}'
+    if key not in defaults:
+      known = ', '.join(sorted(defaults))
+      raise ConfigError(f'unknown config key {path!r}; known keys here: {known}')
+    value, default = user[key], defaults[key]
+    if isinstance(value, (dict, ml_collections.ConfigDict)) and path not in FREE_FORM:
+      if isinstance(default, (dict, ml_collections.ConfigDict)):
+        _check(value, default, f'{path}.')
+
+
+def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The defaults updated with `config`; unknown keys raise ConfigError naming them."""
+  defaults = base_config()
+  _check(config, defaults, '')
+  merged = defaults
+  with merged.unlocked():
+    _merge(merged, config)
+  for key in ('name', 'num_classes'):
+    if key not in merged.model:
+      raise ConfigError(f'config key model.{key} is required')
+  return merged
+
+
+def _merge(target: ml_collections.ConfigDict, source: Any) -> None:
+  for key in source:
+    value = source[key]
+    if (isinstance(value, (dict, ml_collections.ConfigDict)) and key in target
+        and isinstance(target[key], ml_collections.ConfigDict)):
+      _merge(target[key], value)
+    else:
+      target[key] = value
+
+
+def total_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> int:
+  """`total_steps`, or `total_epochs` over the training set at the global batch size."""
+  if config.total_epochs:
+    return max(1, math.ceil(config.total_epochs * num_train_examples / config.data.batch_size))
+  return int(config.total_steps)

@@ -1,0 +1,117 @@
+"""Batches for training and evaluation, per process, positioned by the global step.
+
+Training: the split (optionally k examples per class) is sharded over processes, reshuffled each
+epoch with a seed derived from the epoch, repeated, and started at the example the step implies,
+so resuming needs no pipeline state beyond the step. Evaluation pads the last batch and masks the
+padding, so every example counts exactly once on every process count.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+from tljax.data import preprocess
+from tljax.data.sources import DataError, Source
+from tljax.data.tf_quiet import tf  # TF with accelerators hidden
+
+AUTOTUNE = -1
+
+
+def select_per_class(labels: np.ndarray, examples_per_class: int, seed: int) -> np.ndarray:
+  """Sorted indices of `examples_per_class` examples of each class, stratified and seeded.
+
+  A class with fewer examples contributes all it has.
+  """
+  rng = np.random.default_rng(seed)
+  chosen = []
+  for label in np.unique(labels):
+    members = np.flatnonzero(labels == label)
+    chosen.append(rng.permutation(members)[:examples_per_class])
+  return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, np.int64)
+
+
+def shard_size(total: int, index: int, count: int) -> int:
+  """Examples `tf.data.Dataset.shard(count, index)` keeps out of `total`."""
+  return len(range(index, total, count))
+
+
+def _selected_records(source: Source, split: str, config: Mapping[str, Any]
+                      ) -> tuple[tf.data.Dataset, int]:
+  """The split's records (k per class if asked) and how many there are."""
+  records = source.records(split)
+  k = config.get('examples_per_class')
+  if not k:
+    return records, source.num_examples(split)
+  keep = np.zeros(source.num_examples(split), bool)
+  keep[select_per_class(source.labels(split), int(k), int(config.get('subset_seed', 0)))] = True
+  keep_table = tf.constant(keep)
+  records = records.enumerate().filter(lambda i, _: keep_table[i]).map(lambda _, r: r)
+  # A k-shot subset is small: keep its undecoded records in memory instead of rescanning the
+  # whole split every epoch.
+  return records.cache(), int(keep.sum())
+
+
+def train_batches(source: Source, config: Mapping[str, Any], *, start_step: int, seed: int,
+                  process_index: int = 0, process_count: int = 1
+                  ) -> Iterator[dict[str, np.ndarray]]:
+  """Endless local batches for steps `start_step`, `start_step + 1`, ... of this process."""
+  split = config['train_split']
+  records, total = _selected_records(source, split, config)
+  local_n = shard_size(total, process_index, process_count)
+  if local_n == 0:
+    raise DataError(f'split {split!r} (data.train_split) has no examples for process '
+                    f'{process_index} of {process_count}')
+  local_batch = int(config['batch_size']) // process_count
+  records = records.shard(process_count, process_index)
+  start_epoch, offset = divmod(start_step * local_batch, local_n)
+  buffer = min(local_n, int(config.get('shuffle_buffer', 10_000)))
+
+  def epoch(e: tf.Tensor) -> tf.data.Dataset:
+    shuffled = records.shuffle(buffer, seed=seed * 1_000_003 + e, reshuffle_each_iteration=False)
+    # Global position of each example in this process's stream keys its augmentation.
+    return shuffled.enumerate().map(
+        lambda pos, r: ((e * local_n + pos) * process_count + process_index, r))
+
+  stream = tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch).skip(offset)
+  stream = stream.map(preprocess.make_train_fn(config, source.decode, seed),
+                      num_parallel_calls=AUTOTUNE, deterministic=True)
+  stream = stream.batch(local_batch, drop_remainder=True).prefetch(AUTOTUNE)
+  yield from stream.as_numpy_iterator()
+
+
+def eval_batches(source: Source, config: Mapping[str, Any], *, process_index: int = 0,
+                 process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+  """One pass over the eval split; the same number of batches on every process, padded."""
+  split = config['eval_split']
+  total = source.num_examples(split)
+  if total == 0:
+    raise DataError(f'split {split!r} (data.eval_split) is empty')
+  local_batch = int(config.get('eval_batch_size') or config['batch_size']) // process_count
+  num_batches = math.ceil(math.ceil(total / process_count) / local_batch)
+  ds = source.records(split).shard(process_count, process_index)
+  ds = ds.map(preprocess.make_eval_fn(config, source.decode), num_parallel_calls=AUTOTUNE)
+  ds = ds.batch(local_batch).prefetch(AUTOTUNE)
+  template = None
+  produced = 0
+  for batch in ds.as_numpy_iterator():
+    template = batch
+    yield _pad(batch, local_batch)
+    produced += 1
+  if template is None:
+    size, channels = int(config['image_size']), int(config.get('channels', 3))
+    template = {'image': np.zeros((0, size, size, channels), np.float32),
+                'label': np.zeros(0, np.int32)}
+  for _ in range(produced, num_batches):
+    yield _pad({k: v[:0] for k, v in template.items()}, local_batch)
+
+
+def _pad(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+  real = len(batch['label'])
+  padded = {k: np.concatenate([v, np.zeros((size - real, *v.shape[1:]), v.dtype)])
+            for k, v in batch.items()}
+  padded['mask'] = np.arange(size) < real
+  return padded

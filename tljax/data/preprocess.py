@@ -1,0 +1,70 @@
+"""Per-example image preprocessing in tf.data: decode, resize, crop, flip, normalise.
+
+Training randomness is stateless and seeded by the example's position in the stream, so a
+resumed run sees exactly the augmentations an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from tljax.data.tf_quiet import tf  # TF with accelerators hidden
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def resize_size(config: Mapping[str, Any]) -> int:
+  """Side the image is resized to before cropping `image_size` (default: 8/7 of it)."""
+  return int(config.get('resize_size') or round(config['image_size'] * 8 / 7))
+
+
+def _to_channels(image: tf.Tensor, channels: int) -> tf.Tensor:
+  """Grayscale arrays to RGB; encoded images were decoded with `channels` already."""
+  if channels == 3 and image.shape[-1] == 1:
+    return tf.image.grayscale_to_rgb(image)
+  return image
+
+
+def _normalise(image: tf.Tensor, config: Mapping[str, Any]) -> tf.Tensor:
+  mean = tf.constant(config.get('mean') or IMAGENET_MEAN, tf.float32)
+  std = tf.constant(config.get('std') or IMAGENET_STD, tf.float32)
+  return (tf.cast(image, tf.float32) / 255.0 - mean) / std
+
+
+def make_train_fn(config: Mapping[str, Any], decode: Callable, seed: int) -> Callable:
+  """(position, record) -> example; random crop + flip keyed on (seed, position)."""
+  size, channels = int(config['image_size']), int(config.get('channels', 3))
+  resize = resize_size(config)
+  augment = bool(config.get('augment', True))
+
+  def fn(position: tf.Tensor, record: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    image = _to_channels(decode(record['image'], channels), channels)
+    if augment:
+      image = tf.image.resize(image, (resize, resize), antialias=True)
+      key = tf.stack([tf.constant(seed, tf.int64), tf.cast(position, tf.int64)])
+      crop_key, flip_key = tf.unstack(
+          tf.random.experimental.stateless_split(key, num=2))
+      image = tf.image.stateless_random_crop(image, (size, size, channels), seed=crop_key)
+      image = tf.image.stateless_random_flip_left_right(image, seed=flip_key)
+    else:
+      image = tf.image.resize(image, (size, size), antialias=True)
+    return {'image': _normalise(image, config), 'label': record['label']}
+
+  return fn
+
+
+def make_eval_fn(config: Mapping[str, Any], decode: Callable) -> Callable:
+  """record -> example; resize then central crop, no randomness."""
+  size, channels = int(config['image_size']), int(config.get('channels', 3))
+  resize = resize_size(config) if config.get('augment', True) else size
+
+  def fn(record: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    image = _to_channels(decode(record['image'], channels), channels)
+    image = tf.image.resize(image, (resize, resize), antialias=True)
+    offset = (resize - size) // 2
+    image = image[offset:offset + size, offset:offset + size]
+    return {'image': _normalise(image, config), 'label': record['label']}
+
+  return fn

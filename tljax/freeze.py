@@ -1,0 +1,167 @@
+"""Freeze groups: ordered (regex, rule) pairs -> one label per parameter leaf, and their summary.
+
+A rule of `None` freezes the matched leaves; a dict may set `lr_mult` and `wd_mult`. Patterns are
+matched with `re.fullmatch` on `a/b/c` paths, first match wins; a leaf that no pattern covers, a
+pattern that matches nothing, or a configuration that freezes everything is an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from flax import traverse_util
+
+from tljax.errors import UserError
+
+FROZEN = 'frozen'
+RULE_KEYS = ('lr_mult', 'wd_mult')
+
+
+class FreezeError(UserError):
+  """A freeze-group configuration that cannot label every parameter exactly once."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+  index: int
+  pattern: str
+  lr_mult: float | None  # None: frozen
+  wd_mult: float
+
+  @property
+  def frozen(self) -> bool:
+    return self.lr_mult is None
+
+  @property
+  def label(self) -> str:
+    return FROZEN if self.frozen else f'group{self.index}'
+
+
+def parse_groups(groups: Sequence[Any]) -> list[Group]:
+  """Validates the config's `optim.groups` list into Group records."""
+  if not groups:
+    raise FreezeError('optim.groups is empty: add at least (".*", {}) to train everything')
+  parsed = []
+  for index, item in enumerate(groups):
+    if not isinstance(item, (tuple, list)) or len(item) != 2:
+      raise FreezeError(f'optim.groups[{index}] must be a (regex, rule) pair, got {item!r}')
+    pattern, rule = item
+    try:
+      re.compile(pattern)
+    except (re.error, TypeError) as e:
+      raise FreezeError(f'optim.groups[{index}] pattern {pattern!r} is not a regex: {e}'
+                        ) from None
+    if rule is None:
+      parsed.append(Group(index, pattern, None, 0.0))
+      continue
+    rule = dict(rule)
+    unknown = sorted(set(rule) - set(RULE_KEYS))
+    if unknown:
+      raise FreezeError(f'optim.groups[{index}] ({pattern!r}) has unknown rule keys {unknown}; '
+                        f'allowed: {list(RULE_KEYS)}, or None to freeze')
+    parsed.append(Group(index, pattern, float(rule.get('lr_mult', 1.0)),
+                        float(rule.get('wd_mult', 1.0))))
+  return parsed
+
+
+def flat_paths(tree: Mapping[str, Any]) -> dict[str, Any]:
+  """`{'a': {'b': x}}` -> `{'a/b': x}`, the path form every pattern is matched against."""
+  return traverse_util.flatten_dict(tree, sep='/')
+
+
+def assign_groups(params: Mapping[str, Any], groups: Sequence[Group]) -> dict[str, Group]:
+  """Maps each `a/b/c` parameter path to the first group whose pattern fullmatches it."""
+  compiled = [(group, re.compile(group.pattern)) for group in groups]
+  assigned: dict[str, Group] = {}
+  uncovered = []
+  for path in flat_paths(params):
+    match = next((group for group, regex in compiled if regex.fullmatch(path)), None)
+    if match is None:
+      uncovered.append(path)
+    else:
+      assigned[path] = match
+  if uncovered:
+    shown = ', '.join(uncovered[:5]) + (' ...' if len(uncovered) > 5 else '')
+    raise FreezeError(f'{len(uncovered)} parameter(s) match no pattern in optim.groups: {shown}; '
+                      "end the list with ('.*', {}) or (\".*\", None)")
+  used = {group.index for group in assigned.values()}
+  for group in groups:
+    if group.index not in used:
+      raise FreezeError(f'optim.groups[{group.index}] pattern {group.pattern!r} matches no '
+                        'parameter (or only ones an earlier pattern took)')
+  if all(group.frozen for group in assigned.values()):
+    raise FreezeError('every parameter is frozen by optim.groups: nothing would train')
+  return assigned
+
+
+def label_tree(params: Mapping[str, Any], groups: Sequence[Group]) -> dict[str, Any]:
+  """A pytree shaped like `params` holding each leaf's optimizer label."""
+  assigned = assign_groups(params, groups)
+  return traverse_util.unflatten_dict({k: g.label for k, g in assigned.items()}, sep='/')
+
+
+def trainable_mask(labels: Mapping[str, Any]) -> dict[str, Any]:
+  """Boolean pytree: True where the leaf trains."""
+  flat = flat_paths(labels)
+  return traverse_util.unflatten_dict({k: v != FROZEN for k, v in flat.items()}, sep='/')
+
+
+def frozen_norm_paths(labels: Mapping[str, Any], batch_stats: Mapping[str, Any]
+                      ) -> frozenset[str]:
+  """Module paths of BatchNorms whose scale is frozen: they run on their running averages."""
+  flat_labels = flat_paths(labels)
+  modules = {path.rsplit('/', 1)[0] for path in flat_paths(batch_stats)}
+  return frozenset(m for m in modules if flat_labels.get(f'{m}/scale') == FROZEN)
+
+
+def stage_groups(stages: Sequence[str], frozen_stages: int,
+                 head_rule: Mapping[str, float] | None = None) -> list[tuple[str, Any]]:
+  """Groups freezing the first `frozen_stages` of a model's ordered STAGES.
+
+  `frozen_stages=len(stages) - 1` is a linear probe (everything but the head frozen).
+  """
+  if not 0 <= frozen_stages < len(stages):
+    raise FreezeError(f'frozen_stages must be in [0, {len(stages) - 1}] for stages '
+                      f'{list(stages)}, got {frozen_stages}')
+  groups: list[tuple[str, Any]] = []
+  if frozen_stages:
+    names = '|'.join(re.escape(s) for s in stages[:frozen_stages])
+    groups.append((f'({names})/.*', None))
+  if head_rule is not None:
+    groups.append((f'{re.escape(stages[-1])}/.*', dict(head_rule)))
+  groups.append(('.*', {}))
+  return groups
+
+
+def summary_rows(params: Mapping[str, Any], groups: Sequence[Group], base_lr: float
+                 ) -> list[dict[str, Any]]:
+  """One row per group: pattern, tensors, parameters, trainable or frozen, learning rate."""
+  assigned = assign_groups(params, groups)
+  flat = flat_paths(params)
+  rows = []
+  for group in groups:
+    leaves = [flat[p] for p, g in assigned.items() if g.index == group.index]
+    rows.append(dict(group=group.index, pattern=group.pattern, tensors=len(leaves),
+                     params=int(sum(np.prod(np.shape(x)) for x in leaves)),
+                     status='frozen' if group.frozen else 'trainable',
+                     lr=None if group.frozen else base_lr * group.lr_mult,
+                     wd_mult=None if group.frozen else group.wd_mult))
+  return rows
+
+
+def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
+  """Plain-text table of `summary_rows`, with a total line."""
+  header = ('group', 'pattern', 'tensors', 'params', 'status', 'lr')
+  body = [(str(r['group']), r['pattern'], str(r['tensors']), f"{r['params']:,}", r['status'],
+           '-' if r['lr'] is None else f"{r['lr']:.3g}") for r in rows]
+  trainable = sum(r['params'] for r in rows if r['status'] == 'trainable')
+  total = sum(r['params'] for r in rows)
+  body.append(('', 'total', str(sum(r['tensors'] for r in rows)), f'{total:,}',
+               f'{trainable:,} trainable', ''))
+  widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]
+  line = lambda cells: '  '.join(c.ljust(w) for c, w in zip(cells, widths, strict=True))
+  return '\n'.join([line(header), line(['-' * w for w in widths])] + [line(b) for b in body])

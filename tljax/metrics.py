@@ -1,0 +1,91 @@
+"""Where metrics go: TensorBoard (clu metric writers), metrics.jsonl, and a progress line.
+
+Only process 0 writes files; every process may print.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Mapping
+
+from clu import metric_writers
+
+METRICS_FILE = 'metrics.jsonl'
+
+
+class MetricsLog:
+  """metrics.jsonl (one JSON object per logged step and split) plus TensorBoard events."""
+
+  def __init__(self, workdir: str, is_main: bool = True, resume_step: int = 0):
+    self.is_main = is_main
+    self.path = os.path.join(workdir, METRICS_FILE)
+    self.writer = metric_writers.create_default_writer(
+        workdir, just_logging=not is_main, asynchronous=False)
+    if is_main:
+      _drop_after(self.path, resume_step)
+
+  def write(self, step: int, split: str, values: Mapping[str, float]) -> None:
+    self.writer.write_scalars(step, {f'{split}/{k}': v for k, v in values.items()})
+    if self.is_main:
+      with open(self.path, 'a') as f:
+        f.write(json.dumps({'step': step, 'split': split, **values}) + '\n')
+
+  def close(self) -> None:
+    self.writer.flush()
+    self.writer.close()
+
+
+def _drop_after(path: str, step: int) -> None:
+  """On resume, forget lines logged after the restored checkpoint (they will be redone)."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = [line for line in f if line.strip() and json.loads(line)['step'] <= step]
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    f.writelines(lines)
+  os.replace(tmp, path)
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  with open(os.path.join(workdir, METRICS_FILE)) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+class Progress:
+  """Steps/s and ETA: a rewritten line on a terminal, plain periodic lines otherwise."""
+
+  def __init__(self, total_steps: int, start_step: int, stream=None, every_s: float = 30.0):
+    self.total, self.start = total_steps, start_step
+    self.stream = stream or sys.stderr
+    self.tty = self.stream.isatty()
+    self.every_s = every_s
+    self.t0 = self.last_print = time.monotonic()
+
+  def update(self, step: int, values: Mapping[str, float] | None = None) -> None:
+    now = time.monotonic()
+    done = step - self.start
+    rate = done / max(now - self.t0, 1e-9)
+    eta = (self.total - step) / rate if rate > 0 else float('inf')
+    shown = ' '.join(f'{k}={v:.4g}' for k, v in (values or {}).items())
+    line = f'step {step}/{self.total}  {rate:.2f} steps/s  ETA {_duration(eta)}  {shown}'
+    if self.tty:
+      self.stream.write('\r' + line.ljust(100))
+      if step >= self.total:
+        self.stream.write('\n')
+      self.stream.flush()
+    elif now - self.last_print >= self.every_s or step >= self.total:
+      self.stream.write(line + '\n')
+      self.stream.flush()
+      self.last_print = now
+
+
+def _duration(seconds: float) -> str:
+  if seconds == float('inf'):
+    return '?'
+  minutes, secs = divmod(int(seconds), 60)
+  hours, minutes = divmod(minutes, 60)
+  return f'{hours}:{minutes:02d}:{secs:02d}' if hours else f'{minutes}:{secs:02d}'

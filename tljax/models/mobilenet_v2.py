@@ -1,0 +1,99 @@
+"""MobileNetV2 (torchvision layout), with depthwise convs chosen per backend.
+
+Stages group torchvision's `features` by output width: `stem` (features.0), `stage1`..`stage7`
+(the inverted-residual groups), `final` (features.18, the 1x1 conv to 1280) and `head`.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from tljax.models.layers import DepthwiseConv, NormSpec, batch_norm, conv
+
+STAGES = ('stem', 'stage1', 'stage2', 'stage3', 'stage4', 'stage5', 'stage6', 'stage7',
+          'final', 'head')
+
+# (expansion, output channels, blocks, first stride) per stage, as in the paper and torchvision.
+INVERTED_RESIDUAL_SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
+                              (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+
+
+def make_divisible(value: float, divisor: int = 8) -> int:
+  """Rounds channel counts like torchvision so width multipliers give the same shapes."""
+  rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
+  return rounded + divisor if rounded < 0.9 * value else rounded
+
+
+class InvertedResidual(nn.Module):
+  features: int
+  stride: int
+  expansion: int
+  norm: NormSpec
+  depthwise_impl: str = 'auto'
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    in_features = x.shape[-1]
+    y = x
+    if self.expansion != 1:
+      y = conv(in_features * self.expansion, 1, name='expand_conv')(y)
+      y = nn.relu6(batch_norm(self, self.norm, 'expand_bn', y, train))
+    y = DepthwiseConv(3, self.stride, 1, self.depthwise_impl, name='dw_conv')(y)
+    y = nn.relu6(batch_norm(self, self.norm, 'dw_bn', y, train))
+    y = conv(self.features, 1, name='project_conv')(y)
+    y = batch_norm(self, self.norm, 'project_bn', y, train)
+    if self.stride == 1 and in_features == self.features:
+      y = y + x
+    return y
+
+
+class _Stage(nn.Module):
+  expansion: int
+  features: int
+  num_blocks: int
+  stride: int
+  norm: NormSpec
+  depthwise_impl: str
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    for i in range(self.num_blocks):
+      x = InvertedResidual(self.features, self.stride if i == 0 else 1, self.expansion,
+                           self.norm, self.depthwise_impl, name=f'block{i}')(x, train)
+    return x
+
+
+class _ConvBNReLU6(nn.Module):
+  features: int
+  kernel: int
+  stride: int
+  norm: NormSpec
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    x = conv(self.features, self.kernel, self.stride, name='conv')(x)
+    return nn.relu6(batch_norm(self, self.norm, 'bn', x, train))
+
+
+class MobileNetV2(nn.Module):
+  num_classes: int = 1000
+  width_mult: float = 1.0
+  dropout: float = 0.2
+  norm: NormSpec = NormSpec()
+  depthwise_impl: str = 'auto'
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+    x = _ConvBNReLU6(make_divisible(32 * self.width_mult), 3, 2, self.norm,
+                     name='stem')(images.astype(self.dtype), train)
+    for i, (t, c, n, s) in enumerate(INVERTED_RESIDUAL_SETTINGS):
+      x = _Stage(t, make_divisible(c * self.width_mult), n, s, self.norm, self.depthwise_impl,
+                 name=f'stage{i + 1}')(x, train)
+    last = make_divisible(1280 * max(1.0, self.width_mult))
+    x = _ConvBNReLU6(last, 1, 1, self.norm, name='final')(x, train)
+    x = jnp.mean(x, axis=(1, 2))
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    return nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, name='head')(x)

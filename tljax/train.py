@@ -1,0 +1,194 @@
+"""Fine-tune a model with frozen subtrees: build -> restore -> step -> eval -> save.
+
+  python -m tljax.train --config=configs/FILE.py[:ARG] --workdir=DIR [--config.a.b=value ...]
+
+The same command resumes from the latest checkpoint in DIR.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import statistics
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from tljax import checkpoint, freeze, metrics, optim, parallel, steps
+from tljax import config as config_lib
+from tljax.data import pipeline, sources
+from tljax.errors import UserError
+from tljax.models import build_model
+from tljax.models.layers import NormSpec
+from tljax.weights import load as weights_load
+from tljax.weights import read as weights_read
+
+FAULT_ENV = 'TLJAX_FAULT_KILL_AT_STEP'  # fault injection for tests: SIGKILL after this step
+
+
+def create_train_state(config: ml_collections.ConfigDict):
+  """Model, initial TrainState, labels and optimizer pieces, before any device placement."""
+  model_kwargs = {k: v for k, v in config.model.to_dict().items() if k != 'name'}
+  model = build_model(config.model.name, **model_kwargs)
+  size, channels = config.data.image_size, config.data.channels
+  dummy = jnp.zeros((1, size, size, channels), jnp.float32)
+  variables = jax.jit(lambda rng: model.init(rng, dummy, train=False))(
+      jax.random.key(config.seed))
+  if config.init.pretrained:
+    loaded = weights_read.read_pretrained(config.init.pretrained)
+    variables, report = weights_load.merge(variables, loaded, config.init.dont_load)
+    if jax.process_index() == 0:
+      print(f'pretrained {config.init.pretrained}: loaded {len(report["loaded"])} arrays, kept '
+            f'{len(report["kept_fresh"])} fresh ({", ".join(report["kept_fresh"])})', flush=True)
+  params, batch_stats = variables['params'], variables.get('batch_stats', {})
+  groups = freeze.parse_groups(config.optim.groups)
+  labels = freeze.label_tree(params, groups)
+  norm = NormSpec(frozen=freeze.frozen_norm_paths(labels, batch_stats),
+                  axis_name=parallel.PMAP_AXIS if config.parallel == 'pmap' else None)
+  model = model.clone(norm=norm)
+  return model, params, batch_stats, groups, labels
+
+
+def evaluate(eval_step, state, source, config, process_index, process_count) -> dict[str, float]:
+  sums: dict[str, float] = {}
+  for batch in pipeline.eval_batches(source, config.data, process_index=process_index,
+                                     process_count=process_count):
+    for k, v in eval_step(state, batch).items():
+      sums[k] = sums.get(k, 0.0) + float(np.asarray(v).reshape(-1)[0])
+  count = max(sums['count'], 1.0)
+  return dict(loss=sums['loss'] / count, accuracy=sums['correct'] / count,
+              examples=int(sums['count']))
+
+
+def run(config: ml_collections.ConfigDict, workdir: str,
+        source: sources.Source | None = None) -> dict[str, Any]:
+  """Trains as `config` says in `workdir`, resuming if it holds checkpoints; returns results."""
+  wall_start = time.time()
+  config = config_lib.resolve(config)
+  process_index, process_count = jax.process_index(), jax.process_count()
+  is_main = process_index == 0
+  os.makedirs(workdir, exist_ok=True)
+  if is_main:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  # Build: data, model, freeze labels, optimizer, state.
+  source = source or sources.make_source(config.data)
+  parallel.check_batch_size(config.data.batch_size)
+  total_steps = config_lib.total_steps(config, source.num_examples(config.data.train_split))
+  model, params, batch_stats, groups, labels = create_train_state(config)
+  rows = freeze.summary_rows(params, groups, config.optim.lr)
+  if is_main:
+    print(freeze.format_table(rows), flush=True)
+  mask = freeze.trainable_mask(labels)
+  optimizer, schedule = optim.make_optimizer(config.optim, groups, labels, total_steps)
+  state = steps.TrainState(jnp.asarray(0, jnp.int32), params, batch_stats,
+                           optimizer.init(params))
+
+  # Restore: the latest complete checkpoint, if any.
+  ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
+  start_step = ckpt.latest_step() or 0
+  if start_step:
+    state = ckpt.restore(start_step, state)
+    logging.info('resumed from step %d', start_step)
+    if is_main:
+      print(f'resumed from checkpoint at step {start_step}', flush=True)
+
+  runner = parallel.make_runner(config.parallel)
+  state = runner.place_state(state)
+  train_step = runner.compile_train(steps.make_train_step(
+      model, optimizer, mask, schedule, config.seed, config.optim.label_smoothing,
+      axis_name=parallel.PMAP_AXIS if runner.name == 'pmap' else None))
+  eval_step = runner.compile_eval(steps.make_eval_step(
+      model, axis_name=parallel.PMAP_AXIS if runner.name == 'pmap' else None))
+  batches = pipeline.train_batches(source, config.data, start_step=start_step, seed=config.seed,
+                                   process_index=process_index, process_count=process_count)
+  log = metrics.MetricsLog(workdir, is_main, resume_step=start_step)
+  progress = metrics.Progress(total_steps, start_step)
+  fault_step = int(os.environ.get(FAULT_ENV, '0'))
+
+  # Step, eval, save.
+  step_times, eval_metrics = [], {}
+  last_log_time, last_log_step = time.perf_counter(), start_step
+  for step in range(start_step + 1, total_steps + 1):
+    state, train_metrics = train_step(state, next(batches))
+    last = step == total_steps
+    if step % config.log_every == 0 or last:
+      values = runner.metrics_to_host(train_metrics)  # waits for the step
+      now = time.perf_counter()
+      step_times.append((now - last_log_time) / (step - last_log_step))
+      last_log_time, last_log_step = now, step
+      log.write(step, 'train', values)
+      progress.update(step, dict(loss=values['loss'], lr=values['lr']))
+    if (config.eval_every and step % config.eval_every == 0) or last:
+      eval_metrics = evaluate(eval_step, state, source, config, process_index, process_count)
+      log.write(step, 'eval', eval_metrics)
+      if is_main:
+        print(f'step {step} eval ' + ' '.join(f'{k}={v:.4g}' for k, v in eval_metrics.items()),
+              flush=True)
+      last_log_time = time.perf_counter()  # keep eval out of the step times
+    if step % config.checkpoint_every == 0 or last:
+      ckpt.save(step, runner.host_state(state))
+    if step == fault_step:
+      ckpt.close()
+      os.kill(os.getpid(), signal.SIGKILL)
+  if not eval_metrics:  # resumed at the final step: evaluate what was restored
+    eval_metrics = evaluate(eval_step, state, source, config, process_index, process_count)
+  ckpt.close()
+  log.close()
+
+  trainable = sum(r['params'] for r in rows if r['status'] == 'trainable')
+  frozen = sum(r['params'] for r in rows if r['status'] == 'frozen')
+  opt_leaves, opt_bytes = optim.state_leaf_stats(runner.host_state(state).opt_state)
+  results = dict(
+      final_step=total_steps, eval=eval_metrics, wall_time_s=time.time() - wall_start,
+      median_step_time_s=statistics.median(step_times) if step_times else None,
+      trainable_params=trainable, frozen_params=frozen, optimizer_state_leaves=opt_leaves,
+      optimizer_state_bytes=opt_bytes, parallel=runner.name, devices=jax.device_count(),
+      processes=process_count)
+  if is_main:
+    with open(os.path.join(workdir, 'results.json'), 'w') as f:
+      json.dump(results, f, indent=2)
+  return results
+
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file[:arg].',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics, results.')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'host:port of process 0; joins a jax.distributed job.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the job.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process index.')
+_DISTRIBUTED = flags.DEFINE_bool(
+    'distributed', False, 'Call jax.distributed.initialize() with what the environment '
+    '(TPU VM, SLURM) provides.')
+_CPU_DEVICES = flags.DEFINE_integer(
+    'cpu_devices', None, 'Simulate this many CPU devices (testing multi-device code on CPU).')
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if _CONFIG.value is None or _WORKDIR.value is None:
+    raise app.UsageError('--config and --workdir are required')
+  if _CPU_DEVICES.value:
+    parallel.set_cpu_device_count(_CPU_DEVICES.value)
+  if _COORDINATOR.value or _DISTRIBUTED.value:
+    parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  try:
+    run(_CONFIG.value, _WORKDIR.value)
+  except UserError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == '__main__':
+  app.run(main)

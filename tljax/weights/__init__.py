@@ -1,0 +1,1 @@
+"""Pretrained weights: read files into flat arrays (never running code), merge into a model."""

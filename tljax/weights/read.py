@@ -1,0 +1,37 @@
+"""Readers: a pretrained source -> flat `{'params/a/b': np.ndarray}`, never executing its code."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import traverse_util
+
+from tljax.errors import UserError
+
+
+class WeightsError(UserError):
+  """A pretrained source that cannot be read or does not fit the model."""
+
+
+def read_tljax_workdir(path: str) -> dict[str, np.ndarray]:
+  """`params/...` and `batch_stats/...` of the latest checkpoint in a tljax run's workdir."""
+  directory = os.path.join(os.path.abspath(path), 'checkpoints')
+  if not os.path.isdir(directory):
+    raise WeightsError(f'{path!r} (init.pretrained) is not a tljax workdir: no checkpoints/')
+  manager = ocp.CheckpointManager(directory)
+  step = manager.latest_step()
+  if step is None:
+    raise WeightsError(f'{directory} holds no complete checkpoint')
+  restored = manager.restore(step)
+  manager.close()
+  tree = {'params': restored['params'], 'batch_stats': restored.get('batch_stats') or {}}
+  return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(tree, sep='/').items()}
+
+
+def read_pretrained(source: str) -> dict[str, np.ndarray]:
+  """Dispatches on what `source` is; today a tljax workdir (pretrain here, transfer next)."""
+  if os.path.isdir(source):
+    return read_tljax_workdir(source)
+  raise WeightsError(f'init.pretrained={source!r}: not a tljax workdir')
