@@ -62,7 +62,11 @@ class JitRunner:
     self.batch_sharding = NamedSharding(self.mesh, P(DATA_AXIS))
 
   def place_state(self, state: Any) -> Any:
-    return jax.device_put(state, self.replicated)
+    """Replicates host values on every device of every process."""
+    def put(x):
+      host = np.asarray(x)
+      return jax.make_array_from_callback(host.shape, self.replicated, lambda index: host[index])
+    return jax.tree.map(put, state)
 
   def host_state(self, state: Any) -> Any:
     """The state as ordinary (replicated) jax.Arrays, the layout checkpoints use."""

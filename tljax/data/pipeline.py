@@ -1,9 +1,9 @@
 """Batches for training and evaluation, per process, positioned by the global step.
 
-Training: the split (optionally k examples per class) is sharded over processes, reshuffled each
-epoch with a seed derived from the epoch, repeated, and started at the example the step implies,
-so resuming needs no pipeline state beyond the step. Evaluation pads the last batch and masks the
-padding, so every example counts exactly once on every process count.
+Training: the split (optionally k examples per class) is reshuffled each epoch with a seed derived
+from the epoch, repeated, started at the example the step implies (so resuming needs no pipeline
+state beyond the step) and split into per-process slices of each global batch. Evaluation pads
+the last batch and masks the padding, so every example counts exactly once on any process count.
 """
 
 from __future__ import annotations
@@ -34,11 +34,6 @@ def select_per_class(labels: np.ndarray, examples_per_class: int, seed: int) -> 
   return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, np.int64)
 
 
-def shard_size(total: int, index: int, count: int) -> int:
-  """Examples `tf.data.Dataset.shard(count, index)` keeps out of `total`."""
-  return len(range(index, total, count))
-
-
 def _selected_records(source: Source, split: str, config: Mapping[str, Any]
                       ) -> tuple[tf.data.Dataset, int]:
   """The split's records (k per class if asked) and how many there are."""
@@ -58,25 +53,28 @@ def _selected_records(source: Source, split: str, config: Mapping[str, Any]
 def train_batches(source: Source, config: Mapping[str, Any], *, start_step: int, seed: int,
                   process_index: int = 0, process_count: int = 1
                   ) -> Iterator[dict[str, np.ndarray]]:
-  """Endless local batches for steps `start_step`, `start_step + 1`, ... of this process."""
+  """Endless local batches for steps `start_step`, `start_step + 1`, ... of this process.
+
+  Every process walks the same seeded global order (records are cheap: paths, encoded bytes
+  or array rows) and decodes only its slice of each global batch, so the global batch at each
+  step is the same whatever the number of processes.
+  """
   split = config['train_split']
   records, total = _selected_records(source, split, config)
-  local_n = shard_size(total, process_index, process_count)
-  if local_n == 0:
-    raise DataError(f'split {split!r} (data.train_split) has no examples for process '
-                    f'{process_index} of {process_count}')
-  local_batch = int(config['batch_size']) // process_count
-  records = records.shard(process_count, process_index)
-  start_epoch, offset = divmod(start_step * local_batch, local_n)
-  buffer = min(local_n, int(config.get('shuffle_buffer', 10_000)))
+  if total == 0:
+    raise DataError(f'split {split!r} (data.train_split) has no examples')
+  global_batch = int(config['batch_size'])
+  local_batch = global_batch // process_count
+  start_epoch, offset = divmod(start_step * global_batch, total)
+  buffer = min(total, int(config.get('shuffle_buffer', 10_000)))
 
   def epoch(e: tf.Tensor) -> tf.data.Dataset:
     shuffled = records.shuffle(buffer, seed=seed * 1_000_003 + e, reshuffle_each_iteration=False)
-    # Global position of each example in this process's stream keys its augmentation.
-    return shuffled.enumerate().map(
-        lambda pos, r: ((e * local_n + pos) * process_count + process_index, r))
+    # Global position in the stream: it picks the process and keys the augmentation.
+    return shuffled.enumerate().map(lambda pos, r: (e * total + pos, r))
 
   stream = tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch).skip(offset)
+  stream = stream.filter(lambda pos, _: (pos % global_batch) // local_batch == process_index)
   stream = stream.map(preprocess.make_train_fn(config, source.decode, seed),
                       num_parallel_calls=AUTOTUNE, deterministic=True)
   stream = stream.batch(local_batch, drop_remainder=True).prefetch(AUTOTUNE)
