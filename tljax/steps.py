@@ -80,7 +80,7 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, m
     # Add updates to trainable leaves only, so frozen leaves stay bitwise identical.
     params = jax.tree.map(lambda m, p, u: p + u.astype(p.dtype) if m else p,
                           mask, state.params, updates)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     metrics = dict(loss=loss, accuracy=accuracy, grad_norm=grad_norm,
                    lr=schedule(state.step))
     return TrainState(state.step + 1, params, batch_stats, opt_state), metrics
