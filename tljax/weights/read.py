@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
@@ -20,11 +21,15 @@ def read_tljax_workdir(path: str) -> dict[str, np.ndarray]:
   directory = os.path.join(os.path.abspath(path), 'checkpoints')
   if not os.path.isdir(directory):
     raise WeightsError(f'{path!r} (init.pretrained) is not a tljax workdir: no checkpoints/')
-  manager = ocp.CheckpointManager(directory)
+  manager = ocp.CheckpointManager(directory, item_handlers=ocp.StandardCheckpointHandler())
   step = manager.latest_step()
   if step is None:
     raise WeightsError(f'{directory} holds no complete checkpoint')
-  restored = manager.restore(step)
+  # Restore onto this process's first device, whatever topology wrote the checkpoint.
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          manager.item_metadata(step))
+  restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
   manager.close()
   tree = {'params': restored['params'], 'batch_stats': restored.get('batch_stats') or {}}
   return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(tree, sep='/').items()}
