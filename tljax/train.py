@@ -190,5 +190,18 @@ def main(argv: list[str]) -> None:
     sys.exit(2)
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing, with a misspelt `--config.key` override reported as one line."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f'error: {e}', file=sys.stderr)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    overrides = [a for a in argv[1:] if a.startswith('--config.')]
+    message = str(e).replace("\\'", "'").replace('\\n', ' ').replace('\n', ' ').strip('\'"')
+    print(f'error: bad config override among {overrides}: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
