@@ -73,3 +73,12 @@ def test_mobilenet_v2_agrees_across_depthwise_impls():
   variables = jax.tree.map(lambda v: v + 0.01, variables)  # a non-zero head
   np.testing.assert_allclose(shifted.apply(variables, x), grouped.apply(variables, x),
                              rtol=1e-4, atol=1e-4)
+
+
+def test_create_returns_model_and_fresh_variables():
+  import tljax
+  model, variables = tljax.create('resnet18', num_classes=3, image_size=32)
+  logits = model.apply(variables, jnp.ones((2, 32, 32, 3)), train=False)
+  assert logits.shape == (2, 3)
+  assert set(variables) == {'params', 'batch_stats'}
+  assert variables['params']['head']['kernel'].shape == (512, 3)
