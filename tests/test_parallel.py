@@ -1,5 +1,6 @@
 """jit-over-a-mesh vs pmap, one process vs two joined by jax.distributed, kill and resume."""
 
+import json
 import os
 import signal
 import subprocess
@@ -61,7 +62,6 @@ def test_two_processes_match_one_process_with_eight_devices(tmp_path, npz_path):
   assert one.keys() == two.keys()
   for path in one:
     np.testing.assert_allclose(one[path], two[path], rtol=1e-5, atol=1e-6, err_msg=path)
-  import json
   assert json.loads((tmp_path / 'two' / 'results.json').read_text())['processes'] == 2
 
 
