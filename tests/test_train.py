@@ -14,7 +14,7 @@ from PIL import Image
 from tljax import train
 from tljax.data import sources
 from tljax.freeze import flat_paths
-from tljax.weights.read import read_tljax_workdir
+from tljax.weights.read import read_tljax_workdir, restore_latest
 
 
 def _initial_variables(config):
@@ -52,17 +52,11 @@ def test_tfds_mock_20_steps_frozen_leaves_bitwise_unchanged(tmp_path):
   trainable_bytes = sum(before[p].nbytes for p in trainable)
   assert results['trainable_params'] == sum(before[p].size for p in trainable)
   assert results['frozen_params'] == sum(before[p].size for p in frozen if 'params/' in p)
-  moments = [x for x in jax.tree.leaves(_opt_state(tmp_path)) if np.ndim(x) > 0]
+  opt_state = restore_latest(str(tmp_path))['opt_state']
+  moments = [x for x in jax.tree.leaves(opt_state) if np.ndim(x) > 0]
   assert len(moments) == 2 * len(trainable)
   assert sum(x.nbytes for x in moments) == 2 * trainable_bytes
   assert results['eval']['examples'] == 40
-
-
-def _opt_state(workdir):
-  import orbax.checkpoint as ocp
-  manager = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'))
-  state = manager.restore(manager.latest_step())
-  return state['opt_state']
 
 
 def _write_folder(root, per_class, size=20):

@@ -26,7 +26,7 @@ from tljax import checkpoint, freeze, metrics, optim, parallel, steps
 from tljax import config as config_lib
 from tljax.data import pipeline, sources
 from tljax.errors import UserError
-from tljax.models import build_model
+from tljax.models import build_model, init_variables
 from tljax.models.layers import NormSpec
 from tljax.weights import load as weights_load
 from tljax.weights import read as weights_read
@@ -38,10 +38,7 @@ def create_train_state(config: ml_collections.ConfigDict):
   """Model, initial TrainState, labels and optimizer pieces, before any device placement."""
   model_kwargs = {k: v for k, v in config.model.to_dict().items() if k != 'name'}
   model = build_model(config.model.name, **model_kwargs)
-  size, channels = config.data.image_size, config.data.channels
-  dummy = jnp.zeros((1, size, size, channels), jnp.float32)
-  variables = jax.jit(lambda rng: model.init(rng, dummy, train=False))(
-      jax.random.key(config.seed))
+  variables = init_variables(model, config.data.image_size, config.data.channels, config.seed)
   if config.init.pretrained:
     loaded = weights_read.read_pretrained(config.init.pretrained)
     variables, report = weights_load.merge(variables, loaded, config.init.dont_load)

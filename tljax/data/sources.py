@@ -197,22 +197,22 @@ class ClassSubset(Source):
     self.num_classes = len(self.classes)
     self.decode = source.decode
 
-  def _table(self) -> tf.Tensor:
+  def _remap(self) -> np.ndarray:
+    """Old label -> new label, -1 for classes left out."""
     size = max(max(self.classes) + 1, self.source.num_classes or 0)
     remap = np.full(size, -1, np.int32)
     remap[self.classes] = np.arange(len(self.classes))
-    return tf.constant(remap)
+    return remap
 
   def records(self, split: str) -> tf.data.Dataset:
-    table = self._table()
+    table = tf.constant(self._remap())
     return (self.source.records(split).map(lambda r: {**r, 'label': table[r['label']]})
             .filter(lambda r: r['label'] >= 0))
 
   @functools.lru_cache(maxsize=8)  # noqa: B019
   def labels(self, split: str) -> np.ndarray:
-    labels = self.source.labels(split)
-    remap = {c: i for i, c in enumerate(self.classes)}
-    return np.asarray([remap[y] for y in labels if y in remap], np.int32)
+    relabelled = self._remap()[self.source.labels(split)]
+    return relabelled[relabelled >= 0]
 
 
 def make_source(config: Mapping[str, Any]) -> Source:

@@ -7,6 +7,8 @@ import functools
 from collections.abc import Callable
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 
 from tljax.errors import UserError
 from tljax.models import mobilenet_v2, resnet, small_cnn
@@ -46,3 +48,9 @@ def build_model(name: str, **kwargs) -> nn.Module:
   except TypeError as e:
     raise UserError(f'model {name!r} (config key model) does not accept the arguments '
                     f'{sorted(kwargs)}: {e}') from None
+
+
+def init_variables(model: nn.Module, image_size: int, channels: int = 3, seed: int = 0) -> dict:
+  """Fresh variables (`params`, `batch_stats`) of `model` for square images of `image_size`."""
+  dummy = jnp.zeros((1, image_size, image_size, channels), jnp.float32)
+  return jax.jit(lambda key: model.init(key, dummy, train=False))(jax.random.key(seed))
