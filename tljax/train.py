@@ -54,10 +54,9 @@ def create_train_state(config: ml_collections.ConfigDict):
   return model, params, batch_stats, groups, labels
 
 
-def evaluate(eval_step, state, source, config, process_index, process_count) -> dict[str, float]:
+def evaluate(eval_step, state, eval_data: pipeline.EvalBatches) -> dict[str, float]:
   sums: dict[str, float] = {}
-  for batch in pipeline.eval_batches(source, config.data, process_index=process_index,
-                                     process_count=process_count):
+  for batch in eval_data:
     for k, v in eval_step(state, batch).items():
       sums[k] = sums.get(k, 0.0) + float(np.asarray(v).reshape(-1)[0])
   count = max(sums['count'], 1.0)
@@ -108,6 +107,8 @@ def run(config: ml_collections.ConfigDict, workdir: str,
       model, axis_name=parallel.PMAP_AXIS if runner.name == 'pmap' else None))
   batches = pipeline.train_batches(source, config.data, start_step=start_step, seed=config.seed,
                                    process_index=process_index, process_count=process_count)
+  eval_data = pipeline.EvalBatches(source, config.data, process_index=process_index,
+                                   process_count=process_count)
   log = metrics.MetricsLog(workdir, is_main, resume_step=start_step)
   progress = metrics.Progress(total_steps, start_step)
   fault_step = int(os.environ.get(FAULT_ENV, '0'))
@@ -126,7 +127,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
       log.write(step, 'train', values)
       progress.update(step, dict(loss=values['loss'], lr=values['lr']))
     if (config.eval_every and step % config.eval_every == 0) or last:
-      eval_metrics = evaluate(eval_step, state, source, config, process_index, process_count)
+      eval_metrics = evaluate(eval_step, state, eval_data)
       log.write(step, 'eval', eval_metrics)
       if is_main:
         print(f'step {step} eval ' + ' '.join(f'{k}={v:.4g}' for k, v in eval_metrics.items()),
@@ -138,7 +139,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
       ckpt.close()
       os.kill(os.getpid(), signal.SIGKILL)
   if not eval_metrics:  # resumed at the final step: evaluate what was restored
-    eval_metrics = evaluate(eval_step, state, source, config, process_index, process_count)
+    eval_metrics = evaluate(eval_step, state, eval_data)
   ckpt.close()
   log.close()
 

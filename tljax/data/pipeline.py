@@ -81,30 +81,36 @@ def train_batches(source: Source, config: Mapping[str, Any], *, start_step: int,
   yield from stream.as_numpy_iterator()
 
 
-def eval_batches(source: Source, config: Mapping[str, Any], *, process_index: int = 0,
-                 process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
-  """One pass over the eval split; the same number of batches on every process, padded."""
-  split = config['eval_split']
-  total = source.num_examples(split)
-  if total == 0:
-    raise DataError(f'split {split!r} (data.eval_split) is empty')
-  local_batch = int(config.get('eval_batch_size') or config['batch_size']) // process_count
-  num_batches = math.ceil(math.ceil(total / process_count) / local_batch)
-  ds = source.records(split).shard(process_count, process_index)
-  ds = ds.map(preprocess.make_eval_fn(config, source.decode), num_parallel_calls=AUTOTUNE)
-  ds = ds.batch(local_batch).prefetch(AUTOTUNE)
-  template = None
-  produced = 0
-  for batch in ds.as_numpy_iterator():
-    template = batch
-    yield _pad(batch, local_batch)
-    produced += 1
-  if template is None:
+class EvalBatches:
+  """One eval split's pipeline, built once and walked at every eval.
+
+  Building the tf.data graph (and listing files) once keeps periodic evals cheap and keeps source
+  access out of the training loop. Every walk yields the same number of padded batches on every
+  process, so collective eval steps line up.
+  """
+
+  def __init__(self, source: Source, config: Mapping[str, Any], *, process_index: int = 0,
+               process_count: int = 1):
+    split = config['eval_split']
+    total = source.num_examples(split)
+    if total == 0:
+      raise DataError(f'split {split!r} (data.eval_split) is empty')
+    self.local_batch = int(config.get('eval_batch_size') or config['batch_size']) // process_count
+    self.num_batches = math.ceil(math.ceil(total / process_count) / self.local_batch)
     size, channels = int(config['image_size']), int(config.get('channels', 3))
-    template = {'image': np.zeros((0, size, size, channels), np.float32),
-                'label': np.zeros(0, np.int32)}
-  for _ in range(produced, num_batches):
-    yield _pad({k: v[:0] for k, v in template.items()}, local_batch)
+    self._empty = {'image': np.zeros((0, size, size, channels), np.float32),
+                   'label': np.zeros(0, np.int32)}
+    ds = source.records(split).shard(process_count, process_index)
+    ds = ds.map(preprocess.make_eval_fn(config, source.decode), num_parallel_calls=AUTOTUNE)
+    self._dataset = ds.batch(self.local_batch).prefetch(AUTOTUNE)
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    produced = 0
+    for batch in self._dataset.as_numpy_iterator():
+      yield _pad(batch, self.local_batch)
+      produced += 1
+    for _ in range(produced, self.num_batches):
+      yield _pad(self._empty, self.local_batch)
 
 
 def _pad(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:

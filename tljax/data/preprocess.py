@@ -50,7 +50,7 @@ def make_train_fn(config: Mapping[str, Any], decode: Callable, seed: int) -> Cal
       image = tf.image.stateless_random_flip_left_right(image, seed=flip_key)
     else:
       image = tf.image.resize(image, (size, size), antialias=True)
-    return {'image': _normalise(image, config), 'label': record['label']}
+    return {'image': _normalise(image, config), 'label': tf.cast(record['label'], tf.int32)}
 
   return fn
 
@@ -65,6 +65,6 @@ def make_eval_fn(config: Mapping[str, Any], decode: Callable) -> Callable:
     image = tf.image.resize(image, (resize, resize), antialias=True)
     offset = (resize - size) // 2
     image = image[offset:offset + size, offset:offset + size]
-    return {'image': _normalise(image, config), 'label': record['label']}
+    return {'image': _normalise(image, config), 'label': tf.cast(record['label'], tf.int32)}
 
   return fn
