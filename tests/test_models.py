@@ -13,16 +13,18 @@ from tljax.models.layers import DepthwiseConv
 
 def _param_shapes(name, size=64, **kwargs):
   model = build_model(name, **kwargs)
-  variables = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False))
+  inputs = MODELS[name].example_input(size, 3)
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs, train=False))
   return flat_paths(variables['params'])
 
 
-# torchvision's published parameter counts at 1000 classes.
+# Published parameter counts at 1000 classes (torchvision; timm for EfficientNet-Lite0).
 @pytest.mark.parametrize('name,count', [('resnet18', 11_689_512), ('resnet50', 25_557_032),
-                                        ('mobilenet_v2', 3_504_872)])
+                                        ('mobilenet_v2', 3_504_872),
+                                        ('efficientnet_lite0', 4_652_008),
+                                        ('vit_b16', 86_567_656)])
 def test_parameter_counts_match_torchvision(name, count):
-  shapes = _param_shapes(name, num_classes=1000)
+  shapes = _param_shapes(name, size=224, num_classes=1000)  # ViT's posemb depends on size
   assert sum(int(np.prod(s.shape)) for s in shapes.values()) == count
 
 

@@ -2,13 +2,35 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 
-def create(name: str, num_classes: int, image_size: int = 224, channels: int = 3, seed: int = 0,
+def create(name: str, num_classes: int | None = None, pretrained: str | None = None,
+           image_size: int | None = None, channels: int = 3, seed: int = 0,
+           dont_load: Sequence[str] | None = None, layout: str | None = None,
            **model_kwargs: Any) -> tuple[Any, dict[str, Any]]:
-  """The registered model `name` and fresh variables (`params`, `batch_stats`), timm-style."""
-  from tljax.models import build_model, init_variables
+  """The registered model `name` and its variables (`params`, `batch_stats`), timm-style.
 
+  `pretrained` is a zoo name (`tljax.weights.zoo.ZOO`), a weights file (with `layout`) or a
+  tljax workdir. Asking a zoo source for another `num_classes` gives a fresh zero head.
+  """
+  from tljax.models import build_model, get_entry, init_variables
+  from tljax.weights import load, zoo
+
+  entry = zoo.ZOO.get(pretrained) if pretrained else None
+  if entry is not None:
+    model_kwargs = {**dict(entry.model_kwargs), **model_kwargs}
+    num_classes = num_classes or entry.num_classes or 2
+    image_size = image_size or entry.preprocessing.image_size
+    if dont_load is None:
+      dont_load = ('head/.*',) if num_classes != entry.num_classes else ()
+  if num_classes is None:
+    raise TypeError('create() needs num_classes unless a zoo source gives it')
   model = build_model(name, num_classes=num_classes, **model_kwargs)
-  return model, init_variables(model, image_size, channels, seed)
+  variables = init_variables(model, image_size or 224, channels, seed,
+                             get_entry(name).example_input)
+  if pretrained:
+    variables, _ = load.load_pretrained(pretrained, name, model, variables, dont_load or (),
+                                        layout)
+  return model, variables

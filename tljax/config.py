@@ -26,7 +26,8 @@ def base_config() -> ml_collections.ConfigDict:
   """Every key tljax reads, with its default."""
   c = ml_collections.ConfigDict()
   c.model = dict(name='small_cnn', num_classes=10)
-  c.init = dict(pretrained=placeholder(str), dont_load=())
+  c.init = dict(pretrained=placeholder(str),  # zoo name, weights file or tljax workdir
+                dont_load=(), layout=placeholder(str))  # layout: converter for a plain file
   c.data = dict(
       source='tfds',  # 'tfds' | 'folder' | 'npz' | 'idx'
       name='', path='', data_dir=placeholder(str), image_key='image', label_key='label',

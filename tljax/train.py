@@ -7,6 +7,7 @@ The same command resumes from the latest checkpoint in DIR.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -29,9 +30,26 @@ from tljax.errors import UserError
 from tljax.models import build_model, init_variables
 from tljax.models.layers import NormSpec
 from tljax.weights import load as weights_load
-from tljax.weights import read as weights_read
+from tljax.weights import zoo
 
 FAULT_ENV = 'TLJAX_FAULT_KILL_AT_STEP'  # fault injection for tests: SIGKILL after this step
+
+
+def _with_zoo_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A zoo source brings its model arguments and input normalisation unless the config sets them."""
+  if config.init.pretrained not in zoo.ZOO:
+    return config
+  entry = zoo.get(config.init.pretrained)
+  if entry.model != config.model.name:
+    raise UserError(f'init.pretrained={config.init.pretrained!r} holds {entry.model!r} weights '
+                    f'but model.name is {config.model.name!r}')
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    for key, value in entry.model_kwargs:
+      config.model.setdefault(key, value)
+    if config.data.mean is None and config.data.std is None:
+      config.data.mean, config.data.std = entry.preprocessing.mean, entry.preprocessing.std
+  return config
 
 
 def create_train_state(config: ml_collections.ConfigDict):
@@ -40,17 +58,21 @@ def create_train_state(config: ml_collections.ConfigDict):
   model = build_model(config.model.name, **model_kwargs)
   variables = init_variables(model, config.data.image_size, config.data.channels, config.seed)
   if config.init.pretrained:
-    loaded = weights_read.read_pretrained(config.init.pretrained)
-    variables, report = weights_load.merge(variables, loaded, config.init.dont_load)
+    variables, report = weights_load.load_pretrained(
+        config.init.pretrained, config.model.name, model, variables, config.init.dont_load,
+        config.init.layout)
     if jax.process_index() == 0:
       print(f'pretrained {config.init.pretrained}: loaded {len(report["loaded"])} arrays, kept '
-            f'{len(report["kept_fresh"])} fresh ({", ".join(report["kept_fresh"])})', flush=True)
+            f'{len(report["kept_fresh"])} fresh ({", ".join(report["kept_fresh"])})'
+            + (f', resized {report["resized"]}' if report['resized'] else ''), flush=True)
   params, batch_stats = variables['params'], variables.get('batch_stats', {})
   groups = freeze.parse_groups(config.optim.groups)
   labels = freeze.label_tree(params, groups)
-  norm = NormSpec(frozen=freeze.frozen_norm_paths(labels, batch_stats),
-                  axis_name=parallel.PMAP_AXIS if config.parallel == 'pmap' else None)
-  model = model.clone(norm=norm)
+  if isinstance(getattr(model, 'norm', None), NormSpec):  # BatchNorm models
+    norm = dataclasses.replace(
+        model.norm, frozen=freeze.frozen_norm_paths(labels, batch_stats),
+        axis_name=parallel.PMAP_AXIS if config.parallel == 'pmap' else None)
+    model = model.clone(norm=norm)
   return model, params, batch_stats, groups, labels
 
 
@@ -68,7 +90,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
         source: sources.Source | None = None) -> dict[str, Any]:
   """Trains as `config` says in `workdir`, resuming if it holds checkpoints; returns results."""
   wall_start = time.time()
-  config = config_lib.resolve(config)
+  config = _with_zoo_defaults(config_lib.resolve(config))
   process_index, process_count = jax.process_index(), jax.process_count()
   is_main = process_index == 0
   os.makedirs(workdir, exist_ok=True)

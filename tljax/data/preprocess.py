@@ -55,16 +55,32 @@ def make_train_fn(config: Mapping[str, Any], decode: Callable, seed: int) -> Cal
   return fn
 
 
+def central_crop(image: tf.Tensor, size: int, resize: int) -> tf.Tensor:
+  """Shorter side resized to `resize` (aspect kept), then the central `size` x `size` crop: the
+  usual ImageNet evaluation view."""
+  shape = tf.cast(tf.shape(image)[:2], tf.float32)
+  scale = resize / tf.reduce_min(shape)
+  new_shape = tf.cast(tf.round(shape * scale), tf.int32)
+  image = tf.image.resize(image, new_shape, antialias=True)
+  top = (new_shape[0] - size) // 2
+  left = (new_shape[1] - size) // 2
+  return tf.ensure_shape(image[top:top + size, left:left + size], (size, size, image.shape[-1]))
+
+
+def normalised_view(image: tf.Tensor, config: Mapping[str, Any]) -> tf.Tensor:
+  """A decoded image as the model sees it at evaluation (crop, then mean/std)."""
+  size = int(config['image_size'])
+  resize = resize_size(config) if config.get('augment', True) else size
+  return _normalise(central_crop(image, size, resize), config)
+
+
 def make_eval_fn(config: Mapping[str, Any], decode: Callable) -> Callable:
   """record -> example; resize then central crop, no randomness."""
-  size, channels = int(config['image_size']), int(config.get('channels', 3))
-  resize = resize_size(config) if config.get('augment', True) else size
+  channels = int(config.get('channels', 3))
 
   def fn(record: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
     image = _to_channels(decode(record['image'], channels), channels)
-    image = tf.image.resize(image, (resize, resize), antialias=True)
-    offset = (resize - size) // 2
-    image = image[offset:offset + size, offset:offset + size]
-    return {'image': _normalise(image, config), 'label': tf.cast(record['label'], tf.int32)}
+    return {'image': normalised_view(image, config),
+            'label': tf.cast(record['label'], tf.int32)}
 
   return fn

@@ -4,33 +4,80 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from tljax.errors import UserError
-from tljax.models import mobilenet_v2, resnet, small_cnn
+from tljax.models import bert, efficientnet_lite, mobilenet_v2, resnet, small_cnn, vit
+
+
+def _image_input(size: int, channels: int) -> tuple[jax.Array]:
+  return (jnp.zeros((1, size, size, channels), jnp.float32),)
+
+
+def _token_input(length: int, channels: int) -> tuple[jax.Array]:
+  del channels
+  return (jnp.zeros((1, length), jnp.int32),)
+
+
+Converter = Callable[..., dict]
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelEntry:
+  """A registered model: its factory, ordered STAGES, converters from outside layouts, shape
+  adapters applied when loading (e.g. ViT position embeddings), and an example input maker."""
   build: Callable[..., nn.Module]
   stages: tuple[str, ...]
+  converters: Mapping[str, Converter] = dataclasses.field(default_factory=dict)
+  resizers: Mapping[str, Callable] = dataclasses.field(default_factory=dict)
+  example_input: Callable[[int, int], tuple] = _image_input
+
+
+_RESNET = dict(torchvision=resnet.from_torchvision, timm=resnet.from_torchvision, hf=resnet.from_hf)
+
+
+def _resnet(stage_sizes: tuple[int, ...], block: type[nn.Module]) -> ModelEntry:
+  return ModelEntry(functools.partial(resnet.ResNet, stage_sizes=stage_sizes, block=block),
+                    resnet.STAGES, _RESNET)
+
+
+def _efficientnet_lite(variant: int) -> ModelEntry:
+  width, depth, _ = efficientnet_lite.VARIANTS[variant]
+  return ModelEntry(functools.partial(efficientnet_lite.EfficientNetLite, width_mult=width,
+                                      depth_mult=depth),
+                    efficientnet_lite.STAGES,
+                    dict(lite_pytorch=efficientnet_lite.from_lite_pytorch))
+
+
+def _vit(size: str, patch: int) -> ModelEntry:
+  return ModelEntry(functools.partial(vit.build, size, patch),
+                    vit.stages(vit.SIZES[size][1]),
+                    dict(hf=vit.from_hf, timm=vit.from_timm, big_vision=vit.from_big_vision),
+                    vit.RESIZERS)
+
+
+def _bert(width: int, depth: int, heads: int) -> ModelEntry:
+  return ModelEntry(functools.partial(bert.Bert, width=width, depth=depth, num_heads=heads,
+                                      mlp_dim=4 * width),
+                    bert.stages(depth), dict(hf=bert.from_hf), example_input=_token_input)
 
 
 MODELS: dict[str, ModelEntry] = {
     'small_cnn': ModelEntry(small_cnn.SmallCNN, small_cnn.STAGES),
-    'resnet18': ModelEntry(functools.partial(resnet.ResNet, stage_sizes=(2, 2, 2, 2),
-                                             block=resnet.BasicBlock), resnet.STAGES),
-    'resnet34': ModelEntry(functools.partial(resnet.ResNet, stage_sizes=(3, 4, 6, 3),
-                                             block=resnet.BasicBlock), resnet.STAGES),
-    'resnet50': ModelEntry(functools.partial(resnet.ResNet, stage_sizes=(3, 4, 6, 3),
-                                             block=resnet.Bottleneck), resnet.STAGES),
-    'resnet101': ModelEntry(functools.partial(resnet.ResNet, stage_sizes=(3, 4, 23, 3),
-                                              block=resnet.Bottleneck), resnet.STAGES),
-    'mobilenet_v2': ModelEntry(mobilenet_v2.MobileNetV2, mobilenet_v2.STAGES),
+    'resnet18': _resnet((2, 2, 2, 2), resnet.BasicBlock),
+    'resnet34': _resnet((3, 4, 6, 3), resnet.BasicBlock),
+    'resnet50': _resnet((3, 4, 6, 3), resnet.Bottleneck),
+    'resnet101': _resnet((3, 4, 23, 3), resnet.Bottleneck),
+    'mobilenet_v2': ModelEntry(mobilenet_v2.MobileNetV2, mobilenet_v2.STAGES,
+                               dict(torchvision=mobilenet_v2.from_torchvision)),
+    **{f'efficientnet_lite{v}': _efficientnet_lite(v) for v in efficientnet_lite.VARIANTS},
+    'vit_ti16': _vit('ti', 16), 'vit_s16': _vit('s', 16), 'vit_b16': _vit('b', 16),
+    'vit_b32': _vit('b', 32), 'vit_l16': _vit('l', 16),
+    'bert_base': _bert(768, 12, 12), 'minilm_l6': _bert(384, 6, 12),
 }
 
 
@@ -50,7 +97,9 @@ def build_model(name: str, **kwargs) -> nn.Module:
                     f'{sorted(kwargs)}: {e}') from None
 
 
-def init_variables(model: nn.Module, image_size: int, channels: int = 3, seed: int = 0) -> dict:
-  """Fresh variables (`params`, `batch_stats`) of `model` for square images of `image_size`."""
-  dummy = jnp.zeros((1, image_size, image_size, channels), jnp.float32)
-  return jax.jit(lambda key: model.init(key, dummy, train=False))(jax.random.key(seed))
+def init_variables(model: nn.Module, image_size: int, channels: int = 3, seed: int = 0,
+                   example_input: Callable[[int, int], tuple] = _image_input) -> dict:
+  """Fresh variables (`params`, `batch_stats`) of `model` for square images of `image_size`
+  (or sequences of that length, with `example_input` of a text model)."""
+  inputs = example_input(image_size, channels)
+  return jax.jit(lambda key: model.init(key, *inputs, train=False))(jax.random.key(seed))

@@ -67,7 +67,7 @@ class DepthwiseConv(nn.Module):
   """
   kernel_size: int = 3
   stride: int = 1
-  padding: int = 1
+  padding: int | str = 1  # symmetric pixels (PyTorch) or 'SAME' (TensorFlow, asymmetric)
   impl: str = 'auto'
   kernel_init: nn.initializers.Initializer = nn.initializers.variance_scaling(
       2.0, 'fan_out', 'normal')
@@ -78,7 +78,11 @@ class DepthwiseConv(nn.Module):
     kernel = self.param('kernel', self.kernel_init,
                         (self.kernel_size, self.kernel_size, 1, channels), jnp.float32)
     kernel = kernel.astype(x.dtype)
-    padding = ((self.padding, self.padding), (self.padding, self.padding))
+    if self.padding == 'SAME':
+      padding = jax.lax.padtype_to_pads(x.shape[1:3], (self.kernel_size,) * 2,
+                                        (self.stride,) * 2, 'SAME')
+    else:
+      padding = ((self.padding, self.padding), (self.padding, self.padding))
     if resolve_depthwise_impl(self.impl) == 'shifted':
       return _depthwise_shifted(x, kernel, self.stride, padding)
     return jax.lax.conv_general_dilated(
@@ -86,9 +90,12 @@ class DepthwiseConv(nn.Module):
         dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=channels)
 
 
-def conv(features: int, kernel: int, stride: int = 1, name: str | None = None) -> nn.Conv:
-  """A bias-free conv with PyTorch-style symmetric padding, so torchvision weights fit."""
+def conv(features: int, kernel: int, stride: int = 1, name: str | None = None,
+         same: bool = False) -> nn.Conv:
+  """A bias-free conv with PyTorch-style symmetric padding, so torchvision weights fit;
+  `same=True` pads like TensorFlow's 'SAME' (more at the end) for weights trained there."""
   pad = (kernel - 1) // 2
-  return nn.Conv(features, (kernel, kernel), (stride, stride), padding=((pad, pad), (pad, pad)),
+  padding = 'SAME' if same else ((pad, pad), (pad, pad))
+  return nn.Conv(features, (kernel, kernel), (stride, stride), padding=padding,
                  use_bias=False, kernel_init=nn.initializers.variance_scaling(
                      2.0, 'fan_out', 'normal'), name=name)

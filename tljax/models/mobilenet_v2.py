@@ -6,10 +6,14 @@ Stages group torchvision's `features` by output width: `stem` (features.0), `sta
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from tljax.models.convert import TorchLayout
 from tljax.models.layers import DepthwiseConv, NormSpec, batch_norm, conv
 
 STAGES = ('stem', 'stage1', 'stage2', 'stage3', 'stage4', 'stage5', 'stage6', 'stage7',
@@ -27,11 +31,14 @@ def make_divisible(value: float, divisor: int = 8) -> int:
 
 
 class InvertedResidual(nn.Module):
+  """Expand 1x1, depthwise kxk, project 1x1; shared with EfficientNet-Lite (k=5, 'SAME' pads)."""
   features: int
   stride: int
   expansion: int
   norm: NormSpec
   depthwise_impl: str = 'auto'
+  kernel: int = 3
+  same_padding: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -40,7 +47,8 @@ class InvertedResidual(nn.Module):
     if self.expansion != 1:
       y = conv(in_features * self.expansion, 1, name='expand_conv')(y)
       y = nn.relu6(batch_norm(self, self.norm, 'expand_bn', y, train))
-    y = DepthwiseConv(3, self.stride, 1, self.depthwise_impl, name='dw_conv')(y)
+    padding = 'SAME' if self.same_padding else (self.kernel - 1) // 2
+    y = DepthwiseConv(self.kernel, self.stride, padding, self.depthwise_impl, name='dw_conv')(y)
     y = nn.relu6(batch_norm(self, self.norm, 'dw_bn', y, train))
     y = conv(self.features, 1, name='project_conv')(y)
     y = batch_norm(self, self.norm, 'project_bn', y, train)
@@ -49,31 +57,35 @@ class InvertedResidual(nn.Module):
     return y
 
 
-class _Stage(nn.Module):
+class Stage(nn.Module):
   expansion: int
   features: int
   num_blocks: int
   stride: int
   norm: NormSpec
   depthwise_impl: str
+  kernel: int = 3
+  same_padding: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     for i in range(self.num_blocks):
       x = InvertedResidual(self.features, self.stride if i == 0 else 1, self.expansion,
-                           self.norm, self.depthwise_impl, name=f'block{i}')(x, train)
+                           self.norm, self.depthwise_impl, self.kernel, self.same_padding,
+                           name=f'block{i}')(x, train)
     return x
 
 
-class _ConvBNReLU6(nn.Module):
+class ConvBNReLU6(nn.Module):
   features: int
   kernel: int
   stride: int
   norm: NormSpec
+  same_padding: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    x = conv(self.features, self.kernel, self.stride, name='conv')(x)
+    x = conv(self.features, self.kernel, self.stride, name='conv', same=self.same_padding)(x)
     return nn.relu6(batch_norm(self, self.norm, 'bn', x, train))
 
 
@@ -87,13 +99,37 @@ class MobileNetV2(nn.Module):
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
-    x = _ConvBNReLU6(make_divisible(32 * self.width_mult), 3, 2, self.norm,
+    x = ConvBNReLU6(make_divisible(32 * self.width_mult), 3, 2, self.norm,
                      name='stem')(images.astype(self.dtype), train)
     for i, (t, c, n, s) in enumerate(INVERTED_RESIDUAL_SETTINGS):
-      x = _Stage(t, make_divisible(c * self.width_mult), n, s, self.norm, self.depthwise_impl,
+      x = Stage(t, make_divisible(c * self.width_mult), n, s, self.norm, self.depthwise_impl,
                  name=f'stage{i + 1}')(x, train)
     last = make_divisible(1280 * max(1.0, self.width_mult))
-    x = _ConvBNReLU6(last, 1, 1, self.norm, name='final')(x, train)
+    x = ConvBNReLU6(last, 1, 1, self.norm, name='final')(x, train)
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     return nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, name='head')(x)
+
+
+def from_torchvision(flat: Mapping[str, np.ndarray], model: nn.Module | None = None
+             ) -> dict[str, np.ndarray]:
+  """torchvision MobileNetV2 state dict (`features/3/conv/1/0/weight`) -> tljax variables."""
+  src = TorchLayout(flat)
+  src.conv('features/0/0', 'stem/conv')
+  src.batch_norm('features/0/1', 'stem/bn')
+  feature = 1
+  for stage, (expansion, _, num_blocks, _) in enumerate(INVERTED_RESIDUAL_SETTINGS, start=1):
+    for block in range(num_blocks):
+      s, d = f'features/{feature}/conv', f'stage{stage}/block{block}'
+      layers = [] if expansion == 1 else [('0/0', 'expand_conv'), ('0/1', 'expand_bn')]
+      first = len(layers) // 2  # index of the depthwise ConvBNReLU in `conv`
+      layers += [(f'{first}/0', 'dw_conv'), (f'{first}/1', 'dw_bn'),
+                 (f'{first + 1}', 'project_conv'), (f'{first + 2}', 'project_bn')]
+      for s_name, d_name in layers:
+        convert = src.batch_norm if d_name.endswith('_bn') else src.conv
+        convert(f'{s}/{s_name}', f'{d}/{d_name}')
+      feature += 1
+  src.conv(f'features/{feature}/0', 'final/conv')
+  src.batch_norm(f'features/{feature}/1', 'final/bn')
+  src.dense('classifier/1', 'head')
+  return src.result()

@@ -6,12 +6,14 @@ Parameter paths follow torchvision so converters stay plain: `stem/conv1`, `stem
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from tljax.models.convert import TorchLayout
 from tljax.models.layers import NormSpec, batch_norm, conv
 
 STAGES = ('stem', 'layer1', 'layer2', 'layer3', 'layer4', 'head')
@@ -110,3 +112,53 @@ class ResNet(nn.Module):
                  name=f'layer{i + 1}')(x, train)
     x = jnp.mean(x, axis=(1, 2))
     return nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, name='head')(x)
+
+
+def _block_convs(flat_keys, src_block: str) -> int:
+  return sum(1 for k in flat_keys if k.startswith(f'{src_block}/conv') and k.endswith('/weight'))
+
+
+def from_torchvision(flat: Mapping[str, np.ndarray], model: nn.Module | None = None
+             ) -> dict[str, np.ndarray]:
+  """torchvision or timm ResNet state dict (`layer1/0/conv1/weight`, `fc`) -> tljax variables."""
+  src = TorchLayout(flat)
+  src.conv('conv1', 'stem/conv1')
+  src.batch_norm('bn1', 'stem/bn1')
+  for layer in range(1, 5):
+    block = 0
+    while src.has(f'layer{layer}/{block}/conv1/weight'):
+      s, d = f'layer{layer}/{block}', f'layer{layer}/block{block}'
+      for i in range(1, _block_convs(flat, s) + 1):
+        src.conv(f'{s}/conv{i}', f'{d}/conv{i}')
+        src.batch_norm(f'{s}/bn{i}', f'{d}/bn{i}')
+      src.conv(f'{s}/downsample/0', f'{d}/downsample/conv')
+      src.batch_norm(f'{s}/downsample/1', f'{d}/downsample/bn')
+      block += 1
+  src.dense('fc', 'head')
+  return src.result()
+
+
+def from_hf(flat: Mapping[str, np.ndarray], model: nn.Module | None = None
+             ) -> dict[str, np.ndarray]:
+  """HF transformers ResNet(ForImageClassification) safetensors -> tljax variables."""
+  prefix = 'resnet/' if any(k.startswith('resnet/') for k in flat) else ''
+  src = TorchLayout(flat, prefix)
+  src.conv('embedder/embedder/convolution', 'stem/conv1')
+  src.batch_norm('embedder/embedder/normalization', 'stem/bn1')
+  stage = 0
+  while src.has(f'encoder/stages/{stage}/layers/0/layer/0/convolution/weight'):
+    block = 0
+    while src.has(f'encoder/stages/{stage}/layers/{block}/layer/0/convolution/weight'):
+      s, d = f'encoder/stages/{stage}/layers/{block}', f'layer{stage + 1}/block{block}'
+      i = 0
+      while src.has(f'{s}/layer/{i}/convolution/weight'):
+        src.conv(f'{s}/layer/{i}/convolution', f'{d}/conv{i + 1}')
+        src.batch_norm(f'{s}/layer/{i}/normalization', f'{d}/bn{i + 1}')
+        i += 1
+      src.conv(f'{s}/shortcut/convolution', f'{d}/downsample/conv')
+      src.batch_norm(f'{s}/shortcut/normalization', f'{d}/downsample/bn')
+      block += 1
+    stage += 1
+  src.prefix = ''
+  src.dense('classifier/1', 'head')
+  return src.result()

@@ -7,14 +7,19 @@ mismatched key is an error listing them all.
 
 from __future__ import annotations
 
+import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from flax import traverse_util
 
-from tljax.weights.read import WeightsError
+from tljax import models
+from tljax.weights import read, zoo
+from tljax.weights.errors import WeightsError
+
+Resizer = Callable[[np.ndarray, tuple[int, ...]], np.ndarray]
 
 
 def _skipped(path: str, patterns: Sequence[re.Pattern]) -> bool:
@@ -23,20 +28,30 @@ def _skipped(path: str, patterns: Sequence[re.Pattern]) -> bool:
 
 
 def merge(fresh: Mapping[str, Any], loaded: Mapping[str, np.ndarray],
-          dont_load: Sequence[str] = ()) -> tuple[dict[str, Any], dict[str, list[str]]]:
-  """(variables with loaded arrays in place, report of loaded/kept/unexpected keys)."""
+          dont_load: Sequence[str] = (), resizers: Mapping[str, Resizer] | None = None
+          ) -> tuple[dict[str, Any], dict[str, list[str]]]:
+  """(variables with loaded arrays in place, report of loaded/kept/resized/unexpected keys).
+
+  `resizers` adapt an array of another shape where the model knows how (ViT position
+  embeddings for a new patch grid); any other shape difference is an error.
+  """
   patterns = [re.compile(p) for p in dont_load]
+  resizers = resizers or {}
   flat = traverse_util.flatten_dict(dict(fresh), sep='/')
-  report: dict[str, list[str]] = dict(loaded=[], kept_fresh=[], missing=[], mismatched=[],
-                                      unexpected=[])
+  report: dict[str, list[str]] = dict(loaded=[], kept_fresh=[], resized=[], missing=[],
+                                      mismatched=[], unexpected=[])
   for path, value in flat.items():
+    shape = tuple(np.shape(value))
     if _skipped(path, patterns):
       report['kept_fresh'].append(path)
     elif path not in loaded:
       report['missing'].append(path)
-    elif tuple(loaded[path].shape) != tuple(np.shape(value)):
+    elif tuple(loaded[path].shape) != shape and path in resizers:
+      flat[path] = np.asarray(resizers[path](loaded[path], shape), np.asarray(value).dtype)
+      report['resized'].append(f'{path}: {tuple(loaded[path].shape)} -> {shape}')
+    elif tuple(loaded[path].shape) != shape:
       report['mismatched'].append(
-          f'{path}: checkpoint {tuple(loaded[path].shape)} vs model {tuple(np.shape(value))}')
+          f'{path}: checkpoint {tuple(loaded[path].shape)} vs model {shape}')
     else:
       flat[path] = np.asarray(loaded[path], dtype=np.asarray(value).dtype)
       report['loaded'].append(path)
@@ -49,8 +64,37 @@ def merge(fresh: Mapping[str, Any], loaded: Mapping[str, np.ndarray],
 
 
 def format_report(report: Mapping[str, list[str]]) -> str:
+  """One line per key: `  missing     params/head/kernel`."""
   lines = []
   for kind, paths in report.items():
     for path in paths:
       lines.append(f'  {kind:<11} {path}')
   return '\n'.join(lines)
+
+
+def convert(source: str, model_name: str, model: Any, layout: str | None = None
+            ) -> dict[str, np.ndarray]:
+  """Flat tljax variables (`params/...`) from a zoo name, a tljax workdir, or a weights file in
+  the model's `layout` (a key of its registered converters)."""
+  entry = models.get_entry(model_name)
+  if source in zoo.ZOO:
+    zoo_entry = zoo.get(source)
+    flat, layout = read.read_file(zoo.fetch(source)), zoo_entry.layout
+  elif os.path.isdir(source):
+    return read.read_tljax_workdir(source)
+  else:
+    flat = read.read_file(zoo.locate(source))
+    if layout is None and any(k.startswith('params/') for k in flat):
+      return flat  # written by tljax (e.g. an exported .npz of variables)
+  if layout not in entry.converters:
+    raise WeightsError(f'init.layout={layout!r} for {source!r}: model {model_name!r} converts '
+                       f'from {sorted(entry.converters) or "no outside layout"}')
+  return entry.converters[layout](flat, model)
+
+
+def load_pretrained(source: str, model_name: str, model: Any, fresh: Mapping[str, Any],
+                    dont_load: Sequence[str] = (), layout: str | None = None
+                    ) -> tuple[dict[str, Any], dict[str, list[str]]]:
+  """`fresh` variables with `source`'s arrays merged in, and the merge report."""
+  converted = convert(source, model_name, model, layout)
+  return merge(fresh, converted, dont_load, models.get_entry(model_name).resizers)

