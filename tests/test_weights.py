@@ -1,0 +1,162 @@
+"""Pretrained weights: safe readers, real weights on real photos, errors, zoo, round trip."""
+
+import os
+import pickle
+import zipfile
+
+import numpy as np
+import pytest
+from conftest import small_config
+
+import tljax
+from tljax import train
+from tljax.freeze import flat_paths
+from tljax.models import mobilenet_v2
+from tljax.predict import imagenet_classes, predict
+from tljax.weights import load, read, torch_file, zoo
+from tljax.weights.errors import WeightsError
+
+torch = pytest.importorskip('torch')
+
+CATS = {'tabby, tabby cat', 'tiger cat', 'Persian cat', 'Siamese cat, Siamese', 'Egyptian cat'}
+COFFEE = {'espresso', 'cup', 'coffee mug'}
+
+
+class _RunsShell:
+  def __init__(self, command):
+    self.command = command
+
+  def __reduce__(self):
+    return (os.system, (self.command,))
+
+
+def _write_malicious(path, marker, zip_format):
+  payload = pickle.dumps({'conv.weight': _RunsShell(f'touch {marker}')}, protocol=2)
+  if zip_format:
+    with zipfile.ZipFile(path, 'w') as archive:
+      archive.writestr('archive/data.pkl', payload)
+      archive.writestr('archive/byteorder', 'little')
+  else:
+    with open(path, 'wb') as f:
+      for header in (torch_file.LEGACY_MAGIC, 1001, {'little_endian': True}):
+        pickle.dump(header, f, protocol=2)
+      f.write(payload)
+
+
+@pytest.mark.parametrize('zip_format', [True, False])
+def test_unpickler_refuses_a_file_that_calls_os_system(tmp_path, zip_format):
+  path, marker = tmp_path / 'evil.pth', tmp_path / 'pwned'
+  _write_malicious(path, marker, zip_format)
+  with pytest.raises(WeightsError, match=r'refusing to load global (os|posix)\.system'):
+    read.read_file(str(path))
+  assert not marker.exists()
+
+
+@pytest.mark.parametrize('zip_format', [True, False])
+def test_torch_reader_matches_torch_without_importing_it(tmp_path, zip_format):
+  gen = torch.Generator().manual_seed(0)
+  base = torch.randn(6, 4, 3, 3, generator=gen)
+  state = {
+      'conv.weight': base,
+      'transposed': base[:, :, 0, 0].t(),  # non-contiguous view of the same storage
+      'slice': base[2:4],  # storage offset
+      'half': torch.randn(5, generator=gen).half(),
+      'bf16': torch.randn(3, 2, generator=gen).bfloat16(),
+      'steps': torch.tensor(7),
+      'nested': {'bias': torch.arange(4, dtype=torch.int32)},
+  }
+  path = tmp_path / 'state.pth'
+  torch.save(state, path, _use_new_zipfile_serialization=zip_format)
+  flat = read.read_file(str(path))
+  expected = {'conv/weight': base, 'transposed': state['transposed'], 'slice': state['slice'],
+              'half': state['half'], 'bf16': state['bf16'], 'steps': state['steps'],
+              'nested/bias': state['nested']['bias']}
+  assert set(flat) == set(expected)
+  for key, tensor in expected.items():
+    ref = tensor.float().numpy() if tensor.dtype == torch.bfloat16 else tensor.numpy()
+    np.testing.assert_array_equal(np.asarray(flat[key], ref.dtype), ref, err_msg=key)
+    assert flat[key].shape == ref.shape
+
+
+@pytest.fixture(scope='module')
+def photos(tmp_path_factory):
+  from PIL import Image
+  from skimage import data
+  folder = tmp_path_factory.mktemp('photos')
+  Image.fromarray(data.chelsea()).save(folder / 'chelsea.png')
+  Image.fromarray(data.coffee()).save(folder / 'coffee.jpg', quality=95)
+  return [str(folder / 'chelsea.png'), str(folder / 'coffee.jpg')]
+
+
+@pytest.mark.parametrize('source', ['mobilenet_v2/imagenet', 'efficientnet_lite0/imagenet'])
+def test_real_weights_classify_real_photos(source, photos):
+  cat, coffee = predict(source, photos)
+  assert cat[0][0] in CATS, cat
+  assert coffee[0][0] in COFFEE, coffee
+  assert len(imagenet_classes()) == 1000
+
+
+def test_missing_mismatched_and_unexpected_keys_in_one_table():
+  flat = read.read_file(zoo.fetch('mobilenet_v2/imagenet'))
+  del flat['features/3/conv/1/0/weight']
+  flat['classifier/1/weight'] = np.zeros((10, 1280), np.float32)
+  flat['extra/weight'] = np.zeros(3, np.float32)
+  model, fresh = tljax.create('mobilenet_v2', num_classes=1000, image_size=32)
+  with pytest.raises(WeightsError) as error:
+    load.merge(fresh, mobilenet_v2.from_torchvision(flat))
+  message = str(error.value)
+  assert 'missing     params/stage2/block1/dw_conv/kernel' in message
+  assert 'mismatched  params/head/kernel: checkpoint (1280, 10) vs model (1280, 1000)' in message
+  assert 'unexpected  unconverted/extra/weight' in message
+
+
+def test_sha256_mismatch_fails_before_the_file_is_parsed(tmp_path, monkeypatch):
+  path = tmp_path / 'weights.pth'
+  _write_malicious(path, tmp_path / 'pwned', zip_format=True)  # parsing would be refused
+  entry = zoo.ZooEntry('mobilenet_v2', 'torchvision', str(path), '0' * 64, 1000)
+  monkeypatch.setitem(zoo.ZOO, 'test/bad_hash', entry)
+  with pytest.raises(WeightsError, match='sha256 .* does not match the expected 0000'):
+    tljax.create('mobilenet_v2', pretrained='test/bad_hash', image_size=32)
+
+
+def test_zoo_package_files_match_their_pinned_sha256():
+  for name, entry in zoo.ZOO.items():
+    if entry.where.startswith('package:'):
+      read.verify_sha256(zoo.locate(entry.where), entry.sha256)  # raises on mismatch
+      assert len(entry.sha256) == 64, name
+
+
+def test_npz_reader_refuses_object_arrays(tmp_path):
+  path = tmp_path / 'objects.npz'
+  np.savez(path, bad=np.array([{'a': 1}], dtype=object))
+  with pytest.raises(WeightsError, match='cannot read without pickle'):
+    read.read_file(str(path))
+
+
+def test_workdir_round_trip_into_a_task_with_other_classes(tmp_path, npz_path):
+  source = small_config(**{'data.path': npz_path})
+  train.run(source, str(tmp_path / 'source'))
+  trained = read.read_tljax_workdir(str(tmp_path / 'source'))
+
+  target = small_config(**{'data.path': npz_path, 'model.num_classes': 5})
+  target.init.update(pretrained=str(tmp_path / 'source'), dont_load=['head/.*'])
+  from tljax.config import resolve
+  _, params, batch_stats, _, _ = train.create_train_state(resolve(target))
+  loaded = {**flat_paths({'params': params}), **flat_paths({'batch_stats': batch_stats})}
+  assert loaded['params/head/kernel'].shape[-1] == 5
+  assert not np.any(loaded['params/head/kernel'])  # a fresh zero head
+  for path, value in trained.items():
+    if not path.startswith('params/head/'):
+      np.testing.assert_array_equal(loaded[path], value, err_msg=path)
+  results = train.run(target, str(tmp_path / 'target'))
+  assert results['final_step'] == target.total_steps
+
+
+def test_unknown_layout_names_the_choices(tmp_path):
+  path = tmp_path / 'w.safetensors'
+  from safetensors.numpy import save_file
+  save_file({'fc.weight': np.zeros((2, 2), np.float32)}, str(path))
+  model, fresh = tljax.create('resnet18', num_classes=2, image_size=32)
+  with pytest.raises(WeightsError, match=r"init.layout=None .* converts from \['hf', 'timm', "
+                                         r"'torchvision'\]"):
+    load.load_pretrained(str(path), 'resnet18', model, fresh)
