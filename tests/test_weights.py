@@ -10,6 +10,7 @@ from conftest import small_config
 
 import tljax
 from tljax import train
+from tljax.errors import UserError
 from tljax.freeze import flat_paths
 from tljax.models import mobilenet_v2
 from tljax.predict import imagenet_classes, predict
@@ -160,3 +161,15 @@ def test_unknown_layout_names_the_choices(tmp_path):
   with pytest.raises(WeightsError, match=r"init.layout=None .* converts from \['hf', 'timm', "
                                          r"'torchvision'\]"):
     load.load_pretrained(str(path), 'resnet18', model, fresh)
+
+
+def test_a_zoo_source_brings_its_normalisation_and_checks_the_model_name():
+  from tljax.config import base_config, resolve
+  config = base_config()
+  config.model = dict(name='efficientnet_lite0', num_classes=4)
+  config.init.pretrained = 'efficientnet_lite0/imagenet'
+  resolved = train._with_zoo_defaults(resolve(config))
+  assert tuple(resolved.data.mean) == zoo.TF_MEAN and tuple(resolved.data.std) == zoo.TF_STD
+  config.model.name = 'mobilenet_v2'
+  with pytest.raises(UserError, match="holds 'efficientnet_lite0' weights but model.name is"):
+    train._with_zoo_defaults(resolve(config))

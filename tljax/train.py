@@ -46,7 +46,8 @@ def _with_zoo_defaults(config: ml_collections.ConfigDict) -> ml_collections.Conf
   config = config.copy_and_resolve_references()
   with config.unlocked():
     for key, value in entry.model_kwargs:
-      config.model.setdefault(key, value)
+      if key not in config.model:
+        config.model[key] = value
     if config.data.mean is None and config.data.std is None:
       config.data.mean, config.data.std = entry.preprocessing.mean, entry.preprocessing.std
   return config

@@ -144,8 +144,10 @@ def _load_legacy(path: str) -> Any:
     dtypes = {ref.key: ref.dtype for ref in _storage_refs(tree)}
     storages = {}
     for key in keys:
+      if key not in dtypes:  # its element size, hence its length, would be unknown
+        raise WeightsError(f'{path}: storage {key} is used by no tensor')
       numel = int.from_bytes(f.read(8), 'little')
-      dtype = np.dtype(dtypes.get(key, np.uint8))
+      dtype = np.dtype(dtypes[key])
       raw = f.read(numel * dtype.itemsize)
       if len(raw) != numel * dtype.itemsize:
         raise WeightsError(f'{path}: truncated storage {key}')
