@@ -1,5 +1,5 @@
-"""timm ResNet-50 and ViT-S/16 against tljax, outside `make test` (timm needs torchvision, and only a
-5.5 GB CUDA build of torch 2.14.1 + torchvision 0.29.1 installs offline).
+"""timm ResNet-50 and ViT-S/16 against tljax, outside `make test`: timm needs torchvision, and only
+a 5.5 GB CUDA build of torch 2.14.1 + torchvision 0.29.1 installs offline.
 
 Two interpreters, so tljax's environment never needs torchvision:
 
