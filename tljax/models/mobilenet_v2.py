@@ -112,7 +112,7 @@ class MobileNetV2(nn.Module):
 
 
 def from_torchvision(flat: Mapping[str, np.ndarray], model: nn.Module | None = None
-             ) -> dict[str, np.ndarray]:
+                     ) -> dict[str, np.ndarray]:
   """torchvision MobileNetV2 state dict (`features/3/conv/1/0/weight`) -> tljax variables."""
   src = TorchLayout(flat)
   src.conv('features/0/0', 'stem/conv')

@@ -114,12 +114,8 @@ class ResNet(nn.Module):
     return nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, name='head')(x)
 
 
-def _block_convs(flat_keys, src_block: str) -> int:
-  return sum(1 for k in flat_keys if k.startswith(f'{src_block}/conv') and k.endswith('/weight'))
-
-
 def from_torchvision(flat: Mapping[str, np.ndarray], model: nn.Module | None = None
-             ) -> dict[str, np.ndarray]:
+                     ) -> dict[str, np.ndarray]:
   """torchvision or timm ResNet state dict (`layer1/0/conv1/weight`, `fc`) -> tljax variables."""
   src = TorchLayout(flat)
   src.conv('conv1', 'stem/conv1')
@@ -128,9 +124,11 @@ def from_torchvision(flat: Mapping[str, np.ndarray], model: nn.Module | None = N
     block = 0
     while src.has(f'layer{layer}/{block}/conv1/weight'):
       s, d = f'layer{layer}/{block}', f'layer{layer}/block{block}'
-      for i in range(1, _block_convs(flat, s) + 1):
+      i = 1
+      while src.has(f'{s}/conv{i}/weight'):  # two convs in a basic block, three in a bottleneck
         src.conv(f'{s}/conv{i}', f'{d}/conv{i}')
         src.batch_norm(f'{s}/bn{i}', f'{d}/bn{i}')
+        i += 1
       src.conv(f'{s}/downsample/0', f'{d}/downsample/conv')
       src.batch_norm(f'{s}/downsample/1', f'{d}/downsample/bn')
       block += 1
@@ -139,7 +137,7 @@ def from_torchvision(flat: Mapping[str, np.ndarray], model: nn.Module | None = N
 
 
 def from_hf(flat: Mapping[str, np.ndarray], model: nn.Module | None = None
-             ) -> dict[str, np.ndarray]:
+            ) -> dict[str, np.ndarray]:
   """HF transformers ResNet(ForImageClassification) safetensors -> tljax variables."""
   prefix = 'resnet/' if any(k.startswith('resnet/') for k in flat) else ''
   src = TorchLayout(flat, prefix)

@@ -95,24 +95,25 @@ class _RestrictedUnpickler(pickle.Unpickler):
     return _StorageRef(str(pid[2]), pid[1].dtype)
 
 
-def _materialise(tree: Any, storages: dict[str, np.ndarray]) -> Any:
+def _map_tensors(tree: Any, fn) -> Any:
+  """`tree` with every lazy tensor replaced by `fn(tensor)` (dicts, lists, tuples walked)."""
   if isinstance(tree, _LazyTensor):
-    return tree.materialise(storages)
+    return fn(tree)
   if isinstance(tree, dict):
-    return {k: _materialise(v, storages) for k, v in tree.items()}
+    return {k: _map_tensors(v, fn) for k, v in tree.items()}
   if isinstance(tree, (list, tuple)):
-    return type(tree)(_materialise(v, storages) for v in tree)
+    return type(tree)(_map_tensors(v, fn) for v in tree)
   return tree
 
 
+def _materialise(tree: Any, storages: dict[str, np.ndarray]) -> Any:
+  return _map_tensors(tree, lambda t: t.materialise(storages))
+
+
 def _storage_refs(tree: Any) -> list[_StorageRef]:
-  if isinstance(tree, _LazyTensor):
-    return [tree.storage]
-  if isinstance(tree, dict):
-    return [r for v in tree.values() for r in _storage_refs(v)]
-  if isinstance(tree, (list, tuple)):
-    return [r for v in tree for r in _storage_refs(v)]
-  return []
+  refs: list[_StorageRef] = []
+  _map_tensors(tree, lambda t: refs.append(t.storage))
+  return refs
 
 
 def _load_zip(path: str) -> Any:
