@@ -7,7 +7,9 @@ the model's constructor; the CLI locks the config, so a misspelt override is an 
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 from typing import Any
 
 import ml_collections
@@ -15,7 +17,7 @@ from ml_collections.config_dict import placeholder
 
 from tljax.errors import UserError
 
-FREE_FORM = ('model',)  # sections whose keys are not fixed
+FREE_FORM = ('model', 'eval_groupings')  # sections whose keys are not fixed
 
 
 class ConfigError(UserError):
@@ -27,9 +29,10 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.model = dict(name='small_cnn', num_classes=10)
   c.init = dict(pretrained=placeholder(str),  # zoo name, weights file or tljax workdir
-                dont_load=(), layout=placeholder(str))  # layout: converter for a plain file
+                dont_load=(), layout=placeholder(str),  # layout: converter for a plain file
+                load_stages=placeholder(int))  # load only the first N of the model's STAGES
   c.data = dict(
-      source='tfds',  # 'tfds' | 'folder' | 'npz' | 'idx'
+      source='tfds',  # 'tfds' | 'folder' | 'npz' | 'idx' | 'elpv'
       name='', path='', data_dir=placeholder(str), image_key='image', label_key='label',
       classes=placeholder(tuple),  # keep only these class ids, relabelled 0..n-1 in this order
       train_split='train', eval_split='test',
@@ -37,6 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
       mean=placeholder(tuple), std=placeholder(tuple),
       batch_size=32, eval_batch_size=placeholder(int),
       examples_per_class=placeholder(int), subset_seed=0, shuffle_buffer=10_000,
+      cache_decoded=False,  # keep decoded, resized uint8 images in memory after first use
   )
   c.optim = dict(
       name='sgd', lr=0.01, momentum=0.9, nesterov=False, weight_decay=0.0,
@@ -45,6 +49,11 @@ def base_config() -> ml_collections.ConfigDict:
                     decay_factor=0.1),
       groups=[('.*', {})],
   )
+  # Named freeze depth instead of optim.groups: 'full', 'linear_probe', 'scratch' (full, no
+  # pretrained init) or 'stages:K' (first K of the model's STAGES frozen).
+  c.freeze = dict(preset=placeholder(str), head_lr_mult=1.0)
+  # Extra eval accuracies over merged classes, e.g. {'binary': ((0, 1), (2, 3))}.
+  c.eval_groupings = ml_collections.ConfigDict()
   c.total_steps = 100
   c.total_epochs = placeholder(float)  # when set, overrides total_steps
   c.log_every = 10
@@ -89,6 +98,40 @@ def _merge(target: ml_collections.ConfigDict, source: Any) -> None:
       _merge(target[key], value)
     else:
       target[key] = value
+
+
+def load_config_file(spec: str) -> Any:
+  """Calls `get_config(arg)` of `file.py[:arg]`; config files are Python, trusted as code."""
+  path, _, arg = spec.partition('.py:')
+  path = path if path.endswith('.py') else f'{path}.py'
+  if not os.path.isfile(path):
+    raise ConfigError(f'config file {path!r} not found')
+  module_spec = importlib.util.spec_from_file_location(
+      f'tljax_config_{abs(hash(os.path.abspath(path)))}', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, 'get_config'):
+    raise ConfigError(f'config file {path!r} defines no get_config(arg)')
+  return module.get_config(arg or None)
+
+
+def set_override(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
+  """Sets the dotted `key` of a resolved config, as `--config.<key>=value` would."""
+  *parents, leaf = key.split('.')
+  node = config
+  for depth, part in enumerate(parents):
+    if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+      raise ConfigError(f'unknown config key {".".join(parents[:depth + 1])!r} in override '
+                        f'{key!r}')
+    node = node[part]
+  if leaf not in node and parents[:1] != ['model']:
+    raise ConfigError(f'unknown config key {key!r} in override; known keys here: '
+                      f'{", ".join(sorted(node))}')
+  try:
+    with node.unlocked():
+      node[leaf] = value
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f'override {key}={value!r}: {e}') from None
 
 
 def total_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> int:

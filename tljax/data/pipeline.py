@@ -34,15 +34,29 @@ def select_per_class(labels: np.ndarray, examples_per_class: int, seed: int) -> 
   return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, np.int64)
 
 
+def _selection(source: Source, split: str, config: Mapping[str, Any]) -> np.ndarray | None:
+  """Indices of the k-per-class subset, or None when the whole split is used."""
+  k = config.get('examples_per_class')
+  if not k:
+    return None
+  return select_per_class(source.labels(split), int(k), int(config.get('subset_seed', 0)))
+
+
+def train_size(source: Source, config: Mapping[str, Any]) -> int:
+  """Training examples per epoch: the whole split or its k-per-class subset."""
+  chosen = _selection(source, config['train_split'], config)
+  return source.num_examples(config['train_split']) if chosen is None else len(chosen)
+
+
 def _selected_records(source: Source, split: str, config: Mapping[str, Any]
                       ) -> tuple[tf.data.Dataset, int]:
   """The split's records (k per class if asked) and how many there are."""
   records = source.records(split)
-  k = config.get('examples_per_class')
-  if not k:
+  chosen = _selection(source, split, config)
+  if chosen is None:
     return records, source.num_examples(split)
   keep = np.zeros(source.num_examples(split), bool)
-  keep[select_per_class(source.labels(split), int(k), int(config.get('subset_seed', 0)))] = True
+  keep[chosen] = True
   keep_table = tf.constant(keep)
   records = records.enumerate().filter(lambda i, _: keep_table[i]).map(lambda _, r: r)
   # A k-shot subset is small: keep its undecoded records in memory instead of rescanning the
@@ -68,6 +82,14 @@ def train_batches(source: Source, config: Mapping[str, Any], *, start_step: int,
   start_epoch, offset = divmod(start_step * global_batch, total)
   buffer = min(total, int(config.get('shuffle_buffer', 10_000)))
 
+  if config.get('cache_decoded'):
+    # Decode and resize every example once (on every process) and keep the uint8 result.
+    records = records.map(preprocess.make_decode_fn(config, source.decode),
+                          num_parallel_calls=AUTOTUNE, deterministic=True).cache()
+    example_fn = preprocess.make_augment_fn(config, seed)
+  else:
+    example_fn = preprocess.make_train_fn(config, source.decode, seed)
+
   def epoch(e: tf.Tensor) -> tf.data.Dataset:
     shuffled = records.shuffle(buffer, seed=seed * 1_000_003 + e, reshuffle_each_iteration=False)
     # Global position in the stream: it picks the process and keys the augmentation.
@@ -75,8 +97,7 @@ def train_batches(source: Source, config: Mapping[str, Any], *, start_step: int,
 
   stream = tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch).skip(offset)
   stream = stream.filter(lambda pos, _: (pos % global_batch) // local_batch == process_index)
-  stream = stream.map(preprocess.make_train_fn(config, source.decode, seed),
-                      num_parallel_calls=AUTOTUNE, deterministic=True)
+  stream = stream.map(example_fn, num_parallel_calls=AUTOTUNE, deterministic=True)
   stream = stream.batch(local_batch, drop_remainder=True).prefetch(AUTOTUNE)
   yield from stream.as_numpy_iterator()
 
@@ -102,6 +123,8 @@ class EvalBatches:
                    'label': np.zeros(0, np.int32)}
     ds = source.records(split).shard(process_count, process_index)
     ds = ds.map(preprocess.make_eval_fn(config, source.decode), num_parallel_calls=AUTOTUNE)
+    if config.get('cache_decoded'):
+      ds = ds.cache()  # evaluation is deterministic: preprocess once, reuse at every eval
     self._dataset = ds.batch(self.local_batch).prefetch(AUTOTUNE)
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:

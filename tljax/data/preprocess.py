@@ -33,26 +33,44 @@ def _normalise(image: tf.Tensor, config: Mapping[str, Any]) -> tf.Tensor:
   return (tf.cast(image, tf.float32) / 255.0 - mean) / std
 
 
-def make_train_fn(config: Mapping[str, Any], decode: Callable, seed: int) -> Callable:
-  """(position, record) -> example; random crop + flip keyed on (seed, position)."""
+def make_decode_fn(config: Mapping[str, Any], decode: Callable) -> Callable:
+  """record -> record with the image decoded and resized to the side augmentation crops from
+  (`resize_size`, or `image_size` without augmentation), still uint8: deterministic, so
+  `data.cache_decoded` can keep its output in memory."""
+  channels = int(config.get('channels', 3))
+  side = resize_size(config) if config.get('augment', True) else int(config['image_size'])
+
+  def fn(record: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    image = _to_channels(decode(record['image'], channels), channels)
+    image = tf.image.resize(image, (side, side), antialias=True)
+    image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+    return {'image': image, 'label': tf.cast(record['label'], tf.int32)}
+
+  return fn
+
+
+def make_augment_fn(config: Mapping[str, Any], seed: int) -> Callable:
+  """(position, decoded record) -> example; random crop + flip keyed on (seed, position)."""
   size, channels = int(config['image_size']), int(config.get('channels', 3))
-  resize = resize_size(config)
   augment = bool(config.get('augment', True))
 
   def fn(position: tf.Tensor, record: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-    image = _to_channels(decode(record['image'], channels), channels)
+    image = record['image']
     if augment:
-      image = tf.image.resize(image, (resize, resize), antialias=True)
       key = tf.stack([tf.constant(seed, tf.int64), tf.cast(position, tf.int64)])
       crop_key, flip_key = tf.unstack(
           tf.random.experimental.stateless_split(key, num=2))
       image = tf.image.stateless_random_crop(image, (size, size, channels), seed=crop_key)
       image = tf.image.stateless_random_flip_left_right(image, seed=flip_key)
-    else:
-      image = tf.image.resize(image, (size, size), antialias=True)
-    return {'image': _normalise(image, config), 'label': tf.cast(record['label'], tf.int32)}
+    return {'image': _normalise(image, config), 'label': record['label']}
 
   return fn
+
+
+def make_train_fn(config: Mapping[str, Any], decode: Callable, seed: int) -> Callable:
+  """(position, record) -> example: decode and resize, then augment."""
+  decode_fn, augment_fn = make_decode_fn(config, decode), make_augment_fn(config, seed)
+  return lambda position, record: augment_fn(position, decode_fn(record))
 
 
 def central_crop(image: tf.Tensor, size: int, resize: int) -> tf.Tensor:

@@ -1,4 +1,4 @@
-"""Where examples come from: TFDS, an image folder, or arrays in an .npz file.
+"""Where examples come from: TFDS, an image folder, arrays (.npz, IDX files) or ELPV.
 
 Every source yields undecoded records `{'image', 'label'}` of one split in a fixed order, so the
 pipeline can shard, subsample, shuffle and skip them before paying for decoding.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import importlib.util
 import os
 import struct
 from collections.abc import Mapping, Sequence
@@ -215,8 +216,96 @@ class ClassSubset(Source):
     return relabelled[relabelled >= 0]
 
 
+ELPV_CLASSES = ('functional', 'mildly defective', 'likely defective', 'defective')
+ELPV_PROBABILITIES = (0, 1, 2, 3)  # defect probability x 3
+
+
+def elpv_root() -> str:
+  """The data folder of the installed `elpv-dataset` package (its labels.csv and images/)."""
+  spec = importlib.util.find_spec('elpv_dataset')
+  if spec is None or not spec.submodule_search_locations:
+    raise DataError('data.source=elpv needs the ELPV dataset: pip install elpv-dataset '
+                    '(CC-BY-NC-SA-4.0), or set data.path to a folder holding labels.csv')
+  return os.path.join(list(spec.submodule_search_locations)[0], 'data')
+
+
+def stratified_split(strata: np.ndarray, test_fraction: float, seed: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+  """Sorted (train, test) indices, seeded, with each stratum's share of test in proportion.
+
+  Per-stratum counts are rounded by largest remainder, so the test split holds exactly
+  round(test_fraction * N) examples (656 of ELPV's 2,624, as in its paper).
+  """
+  rng = np.random.default_rng(seed)
+  names, sizes = np.unique(strata, return_counts=True)
+  exact = sizes * test_fraction
+  n_test = np.floor(exact).astype(int)
+  short = int(round(len(strata) * test_fraction)) - int(n_test.sum())
+  n_test[np.argsort(-(exact - n_test), kind='stable')[:short]] += 1
+  train, test = [], []
+  for name, count in zip(names, n_test, strict=True):
+    members = rng.permutation(np.flatnonzero(strata == name))
+    test.append(members[:count])
+    train.append(members[count:])
+  return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+class ElpvSource(Source):
+  """ELPV electroluminescence solar cells (Buerhop-Lutz et al. 2018; Deitsch et al. 2019).
+
+  2,624 grayscale 300x300 PNGs; the label is the defect probability 0, 1/3, 2/3 or 1 as class
+  0..3. Splits: 'train' and 'test' are a fixed 75/25 split, seeded and stratified by class and
+  cell type (mono/poly), as in the dataset's paper; 'all' is every cell.
+  """
+  TEST_FRACTION, SPLIT_SEED = 0.25, 0
+  num_classes = len(ELPV_CLASSES)
+
+  def __init__(self, root: str | None = None):
+    root = root or elpv_root()
+    labels_csv = os.path.join(root, 'labels.csv')
+    if not os.path.isfile(labels_csv):
+      raise DataError(f'ELPV labels file {labels_csv} not found (data.path)')
+    paths, labels, types = [], [], []
+    with open(labels_csv) as f:
+      for line_number, line in enumerate(f, 1):
+        fields = line.split()
+        if not fields:
+          continue
+        try:
+          path, probability, cell_type = fields
+          label = ELPV_PROBABILITIES.index(round(float(probability) * 3))
+        except ValueError:
+          raise DataError(f'{labels_csv}:{line_number}: expected "<image> <probability in '
+                          f'0, 1/3, 2/3, 1> <type>", got {line.strip()!r}') from None
+        paths.append(os.path.join(root, path))
+        labels.append(label)
+        types.append(cell_type)
+    self.paths = np.asarray(paths)
+    self.all_labels = np.asarray(labels, np.int32)
+    self.types = np.asarray(types)
+    strata = np.char.add(self.all_labels.astype(str), self.types)
+    train, test = stratified_split(strata, self.TEST_FRACTION, self.SPLIT_SEED)
+    self.split_indices = {'train': train, 'test': test, 'all': np.arange(len(paths))}
+
+  def _indices(self, split: str) -> np.ndarray:
+    if split not in self.split_indices:
+      raise DataError(f'ELPV has splits {sorted(self.split_indices)}, not {split!r}')
+    return self.split_indices[split]
+
+  def records(self, split: str) -> tf.data.Dataset:
+    index = self._indices(split)
+    return tf.data.Dataset.from_tensor_slices({'image': tf.constant(self.paths[index]),
+                                               'label': self.all_labels[index]})
+
+  def labels(self, split: str) -> np.ndarray:
+    return self.all_labels[self._indices(split)]
+
+  def decode(self, image: tf.Tensor, channels: int) -> tf.Tensor:
+    return tf.io.decode_png(tf.io.read_file(image), channels=channels)
+
+
 def make_source(config: Mapping[str, Any]) -> Source:
-  """The source named by `config.data.source`: 'tfds', 'folder', 'npz' or 'idx'."""
+  """The source named by `config.data.source`: 'tfds', 'folder', 'npz', 'idx' or 'elpv'."""
   kind = config['source']
   if kind == 'tfds':
     source = TfdsSource(config['name'], config.get('data_dir'),
@@ -227,8 +316,10 @@ def make_source(config: Mapping[str, Any]) -> Source:
     source = ArraySource.from_npz(config['path'])
   elif kind == 'idx':
     source = idx_source(config['path'])
+  elif kind == 'elpv':
+    source = ElpvSource(config.get('path') or None)
   else:
-    raise DataError(f"data.source must be 'tfds', 'folder', 'npz' or 'idx', got {kind!r}")
+    raise DataError(f"data.source must be 'tfds', 'folder', 'npz', 'idx' or 'elpv', got {kind!r}")
   if config.get('classes'):
     source = ClassSubset(source, config['classes'])
   return source
