@@ -129,12 +129,53 @@ def stage_groups(stages: Sequence[str], frozen_stages: int,
                       f'{list(stages)}, got {frozen_stages}')
   groups: list[tuple[str, Any]] = []
   if frozen_stages:
-    names = '|'.join(re.escape(s) for s in stages[:frozen_stages])
-    groups.append((f'({names})/.*', None))
+    groups.append((stage_patterns(stages[:frozen_stages]), None))
   if head_rule is not None:
     groups.append((f'{re.escape(stages[-1])}/.*', dict(head_rule)))
   groups.append(('.*', {}))
   return groups
+
+
+PRESETS = ('full', 'linear_probe', 'scratch', 'stages:K')
+
+
+def preset_groups(preset: str, stages: Sequence[str], head_lr_mult: float = 1.0
+                  ) -> list[tuple[str, Any]]:
+  """`optim.groups` for a named freeze depth, so common configs need no regex.
+
+  'full' and 'scratch' train everything (scratch also drops the pretrained init, in train.py),
+  'linear_probe' trains only the head, 'stages:K' freezes the first K of the model's STAGES.
+  """
+  if preset in ('full', 'scratch'):
+    frozen = 0
+  elif preset == 'linear_probe':
+    frozen = len(stages) - 1
+  else:
+    kind, _, count = preset.partition(':')
+    if kind != 'stages' or not count.isdigit():
+      raise FreezeError(f'freeze.preset must be one of {list(PRESETS)}, got {preset!r}')
+    frozen = int(count)
+  head_rule = None if head_lr_mult == 1.0 else dict(lr_mult=head_lr_mult)
+  if frozen == len(stages) - 1:  # only the head trains: one trainable group
+    return [(stage_patterns(stages[:frozen]), None), ('.*', head_rule or {})]
+  return stage_groups(stages, frozen, head_rule)
+
+
+def stage_patterns(stages: Sequence[str]) -> str:
+  """One regex matching every parameter path under any of `stages`."""
+  return '({})/.*'.format('|'.join(re.escape(s) for s in stages))
+
+
+def frozen_stage_count(labels: Mapping[str, Any], stages: Sequence[str]) -> int:
+  """How many leading STAGES are entirely frozen (stages without parameters count as frozen)."""
+  flat = flat_paths(labels)
+  count = 0
+  for stage in stages:
+    stage_labels = [v for k, v in flat.items() if k.startswith(f'{stage}/')]
+    if not all(label == FROZEN for label in stage_labels):
+      break
+    count += 1
+  return count
 
 
 def summary_rows(params: Mapping[str, Any], groups: Sequence[Group], base_lr: float

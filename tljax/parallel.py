@@ -32,6 +32,21 @@ def initialize_distributed(coordinator_address: str | None = None,
   jax.distributed.initialize(**kwargs)
 
 
+COMPILATION_CACHE_ENV = 'TLJAX_COMPILATION_CACHE'  # a directory, or '' to turn the cache off
+
+
+def enable_compilation_cache() -> str | None:
+  """Turns on JAX's persistent compilation cache (default ~/.cache/tljax/xla), so a rerun or
+  another sweep variant with the same program skips XLA compilation; returns the directory."""
+  default = os.path.join(os.path.expanduser('~'), '.cache', 'tljax', 'xla')
+  directory = os.environ.get(COMPILATION_CACHE_ENV, default)
+  if not directory:
+    return None
+  jax.config.update('jax_compilation_cache_dir', directory)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+  return directory
+
+
 def set_cpu_device_count(count: int) -> None:
   """Simulates `count` CPU devices; must run before the backend starts."""
   jax.config.update('jax_num_cpu_devices', count)

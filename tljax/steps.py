@@ -88,16 +88,27 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, m
   return train_step
 
 
-def make_eval_step(model: nn.Module, axis_name: str | None = None) -> Callable:
-  """Returns eval_step(state, batch) -> summed metrics; `batch['mask']` zeroes padding."""
+def make_eval_step(model: nn.Module, axis_name: str | None = None,
+                   groupings: dict[str, Any] | None = None) -> Callable:
+  """Returns eval_step(state, batch) -> summed metrics; `batch['mask']` zeroes padding.
+
+  `groupings` maps a name to a class -> group table; `correct_<name>` counts predictions in
+  the right group (e.g. defective or not, from four defect grades).
+  """
+  tables = {name: jnp.asarray(table) for name, table in (groupings or {}).items()}
+
   def eval_step(state: TrainState, batch: dict[str, jax.Array]):
     logits = model.apply({'params': state.params, 'batch_stats': state.batch_stats},
                          batch['image'], train=False)
     mask = batch['mask'].astype(jnp.float32)
     losses = cross_entropy(logits, batch['label'])
-    correct = (jnp.argmax(logits, -1) == batch['label']).astype(jnp.float32)
+    predicted = jnp.argmax(logits, -1)
+    correct = (predicted == batch['label']).astype(jnp.float32)
     sums = dict(loss=jnp.sum(losses * mask), correct=jnp.sum(correct * mask),
                 count=jnp.sum(mask))
+    for name, table in tables.items():
+      right_group = (table[predicted] == table[batch['label']]).astype(jnp.float32)
+      sums[f'correct_{name}'] = jnp.sum(right_group * mask)
     if axis_name is not None:
       sums = jax.lax.psum(sums, axis_name)
     return sums

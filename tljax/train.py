@@ -27,7 +27,7 @@ from tljax import checkpoint, freeze, metrics, optim, parallel, steps
 from tljax import config as config_lib
 from tljax.data import pipeline, sources
 from tljax.errors import UserError
-from tljax.models import build_model, init_variables
+from tljax.models import build_model, get_entry, init_variables
 from tljax.models.layers import NormSpec
 from tljax.weights import load as weights_load
 from tljax.weights import zoo
@@ -51,6 +51,52 @@ def _with_zoo_defaults(config: ml_collections.ConfigDict) -> ml_collections.Conf
     if config.data.mean is None and config.data.std is None:
       config.data.mean, config.data.std = entry.preprocessing.mean, entry.preprocessing.std
   return config
+
+
+def _with_presets(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`freeze.preset` and `init.load_stages` written out as optim.groups and init.dont_load."""
+  preset, load_stages = config.freeze.preset, config.init.load_stages
+  if preset is None and load_stages is None:
+    return config
+  stages = get_entry(config.model.name).stages
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    if preset is not None:
+      if repr(list(config.optim.groups)) != repr(list(config_lib.base_config().optim.groups)):
+        raise UserError(f'freeze.preset={preset!r} and optim.groups are both set; '
+                        'use one of them')
+      config.optim.groups = freeze.preset_groups(preset, stages, config.freeze.head_lr_mult)
+      if preset == 'scratch':
+        config.init.pretrained = None
+    if load_stages is not None:
+      if not 0 <= load_stages < len(stages):
+        raise UserError(f'init.load_stages must be in [0, {len(stages) - 1}] for stages '
+                        f'{list(stages)}, got {load_stages}')
+      config.init.dont_load = (*config.init.dont_load,
+                               freeze.stage_patterns(stages[load_stages:]))
+  return config
+
+
+def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The config a run uses: defaults filled in, zoo defaults applied, presets written out."""
+  return _with_presets(_with_zoo_defaults(config_lib.resolve(config)))
+
+
+def grouping_tables(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+  """`eval_groupings` as class -> group lookup tables; every class must be in one group."""
+  tables = {}
+  for name, groups in config.eval_groupings.items():
+    table = np.full(config.model.num_classes, -1, np.int32)
+    for group_index, classes in enumerate(groups):
+      for cls in classes:
+        if not 0 <= cls < len(table) or table[cls] != -1:
+          raise UserError(f'eval_groupings.{name}: class {cls} is out of range or listed twice')
+        table[cls] = group_index
+    if (table < 0).any():
+      raise UserError(f'eval_groupings.{name} leaves out classes '
+                      f'{np.flatnonzero(table < 0).tolist()}')
+    tables[name] = table
+  return tables
 
 
 def create_train_state(config: ml_collections.ConfigDict):
@@ -83,7 +129,9 @@ def evaluate(eval_step, state, eval_data: pipeline.EvalBatches) -> dict[str, flo
     for k, v in eval_step(state, batch).items():
       sums[k] = sums.get(k, 0.0) + float(np.asarray(v).reshape(-1)[0])
   count = max(sums['count'], 1.0)
-  return dict(loss=sums['loss'] / count, accuracy=sums['correct'] / count,
+  grouped = {f'accuracy_{k[len("correct_"):]}': v / count for k, v in sums.items()
+             if k.startswith('correct_')}
+  return dict(loss=sums['loss'] / count, accuracy=sums['correct'] / count, **grouped,
               examples=int(sums['count']))
 
 
@@ -91,7 +139,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
         source: sources.Source | None = None) -> dict[str, Any]:
   """Trains as `config` says in `workdir`, resuming if it holds checkpoints; returns results."""
   wall_start = time.time()
-  config = _with_zoo_defaults(config_lib.resolve(config))
+  config = resolve_config(config)
   process_index, process_count = jax.process_index(), jax.process_count()
   is_main = process_index == 0
   os.makedirs(workdir, exist_ok=True)
@@ -102,7 +150,8 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   # Build: data, model, freeze labels, optimizer, state.
   source = source or sources.make_source(config.data)
   parallel.check_batch_size(config.data.batch_size)
-  total_steps = config_lib.total_steps(config, source.num_examples(config.data.train_split))
+  train_examples = pipeline.train_size(source, config.data)
+  total_steps = config_lib.total_steps(config, train_examples)
   model, params, batch_stats, groups, labels = create_train_state(config)
   rows = freeze.summary_rows(params, groups, config.optim.lr)
   if is_main:
@@ -127,7 +176,8 @@ def run(config: ml_collections.ConfigDict, workdir: str,
       model, optimizer, mask, schedule, config.seed, config.optim.label_smoothing,
       axis_name=parallel.PMAP_AXIS if runner.name == 'pmap' else None))
   eval_step = runner.compile_eval(steps.make_eval_step(
-      model, axis_name=parallel.PMAP_AXIS if runner.name == 'pmap' else None))
+      model, axis_name=parallel.PMAP_AXIS if runner.name == 'pmap' else None,
+      groupings=grouping_tables(config)))
   batches = pipeline.train_batches(source, config.data, start_step=start_step, seed=config.seed,
                                    process_index=process_index, process_count=process_count)
   eval_data = pipeline.EvalBatches(source, config.data, process_index=process_index,
@@ -172,6 +222,10 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   results = dict(
       final_step=total_steps, eval=eval_metrics, wall_time_s=time.time() - wall_start,
       median_step_time_s=statistics.median(step_times) if step_times else None,
+      preset=config.freeze.preset, pretrained=config.init.pretrained,
+      frozen_stages=freeze.frozen_stage_count(labels, get_entry(config.model.name).stages),
+      examples_per_class=config.data.examples_per_class,
+      train_examples=train_examples,
       trainable_params=trainable, frozen_params=frozen, optimizer_state_leaves=opt_leaves,
       optimizer_state_bytes=opt_bytes, parallel=runner.name, devices=jax.device_count(),
       processes=process_count)
@@ -202,6 +256,7 @@ def main(argv: list[str]) -> None:
     raise app.UsageError('--config and --workdir are required')
   if _CPU_DEVICES.value:
     parallel.set_cpu_device_count(_CPU_DEVICES.value)
+  parallel.enable_compilation_cache()
   if _COORDINATOR.value or _DISTRIBUTED.value:
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:

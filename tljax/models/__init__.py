@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from tljax.errors import UserError
-from tljax.models import bert, efficientnet_lite, mobilenet_v2, resnet, small_cnn, vit
+from tljax.models import bert, efficientnet_lite, layered_cnn, mobilenet_v2, resnet, small_cnn, vit
 
 
 def _image_input(size: int, channels: int) -> tuple[jax.Array]:
@@ -68,6 +68,7 @@ def _bert(width: int, depth: int, heads: int) -> ModelEntry:
 
 MODELS: dict[str, ModelEntry] = {
     'small_cnn': ModelEntry(small_cnn.SmallCNN, small_cnn.STAGES),
+    'layered_cnn': ModelEntry(layered_cnn.LayeredCNN, layered_cnn.STAGES),
     'resnet18': _resnet((2, 2, 2, 2), resnet.BasicBlock),
     'resnet34': _resnet((3, 4, 6, 3), resnet.BasicBlock),
     'resnet50': _resnet((3, 4, 6, 3), resnet.Bottleneck),
