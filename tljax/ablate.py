@@ -1,0 +1,121 @@
+"""Ablation sweeps: expand variants of a base config, run them (or print their commands), gather.
+
+  python -m tljax.ablate --config=configs/ablations/FILE.py[:ARG] --workdir=DIR [--print-commands]
+
+A sweep file returns a `tljax.sweep.Sweep`; each variant is an ordinary training run in
+`DIR/<variant>/`. The same command skips finished variants, resumes unfinished ones, and writes
+`DIR/results.csv`, `DIR/results.md` and `DIR/results.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import ml_collections
+
+from tljax import config as config_lib
+from tljax import report
+from tljax.errors import UserError
+from tljax.sweep import Sweep, Variant, command, expand, variant_config
+
+
+def _finished(workdir: str) -> bool:
+  return os.path.isfile(os.path.join(workdir, 'results.json'))
+
+
+def _config_differences(workdir: str, config: ml_collections.ConfigDict) -> list[str]:
+  """Keys whose value in the workdir's config.json differs from `config`'s."""
+  with open(os.path.join(workdir, 'config.json')) as f:
+    before = _flatten(json.load(f))
+  now = _flatten(json.loads(config.to_json_best_effort()))
+  return sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+
+
+def _flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
+  if isinstance(tree, dict):
+    return {k: v for key, sub in tree.items() for k, v in _flatten(sub, f'{prefix}{key}.').items()}
+  return {prefix[:-1]: tree}
+
+
+def run_sweep(sweep: Sweep, sweep_dir: str) -> list[dict[str, Any]]:
+  """Runs every unfinished variant in this process, then writes the results files."""
+  from tljax import train  # the only importer of train.py; keeps --print-commands light
+
+  base = config_lib.load_config_file(sweep.base)
+  variants = expand(sweep, sweep_dir)
+  for index, variant in enumerate(variants, 1):
+    workdir = os.path.join(sweep_dir, variant.name)
+    config = train.resolve_config(variant_config(base, variant))
+    if _finished(workdir):
+      changed = _config_differences(workdir, config)
+      if changed:
+        raise UserError(f'variant {variant.name!r} in {workdir} finished with a different '
+                        f'config (keys {", ".join(changed)}); remove that directory or use '
+                        'another --workdir')
+      print(f'[{index}/{len(variants)}] {variant.name}: finished, skipped', flush=True)
+      continue
+    print(f'[{index}/{len(variants)}] {variant.name}: {variant.overrides}', flush=True)
+    train.run(config, workdir)
+  return write_results(sweep, sweep_dir, variants)
+
+
+def write_results(sweep: Sweep, sweep_dir: str, variants: Sequence[Variant]
+                  ) -> list[dict[str, Any]]:
+  """results.csv / results.md / results.png from the finished variants; returns the rows."""
+  runs = []
+  for variant in variants:
+    path = os.path.join(sweep_dir, variant.name, 'results.json')
+    if os.path.isfile(path):
+      with open(path) as f:
+        runs.append(dict(variant=variant.name, group=variant.group, tags=variant.tags,
+                         results=json.load(f)))
+  rows = report.aggregate(runs)
+  report.write_csv(rows, os.path.join(sweep_dir, 'results.csv'))
+  table = report.markdown_table(rows, missing=len(variants) - len(runs))
+  with open(os.path.join(sweep_dir, 'results.md'), 'w') as f:
+    f.write((f'# {sweep.title}\n\n' if sweep.title else '') + table + '\n')
+  if sweep.plot is not None and rows:
+    report.plot(rows, sweep.plot, os.path.join(sweep_dir, 'results.png'), sweep.title)
+  return rows
+
+
+def load_sweep(spec: str) -> Sweep:
+  sweep = config_lib.load_config_file(spec)
+  if not isinstance(sweep, Sweep):
+    raise UserError(f'{spec}: get_config must return a tljax.sweep.Sweep, got '
+                    f'{type(sweep).__name__}')
+  return sweep
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(prog='python -m tljax.ablate', description=__doc__.split(
+      '\n')[0])
+  parser.add_argument('--config', required=True, help='sweep file[:arg] (configs/ablations/)')
+  parser.add_argument('--workdir', required=True, help='one subdirectory per variant')
+  parser.add_argument('--print-commands', action='store_true',
+                      help='print one `python -m tljax.train` command per variant and exit')
+  args = parser.parse_args(argv)
+  try:
+    sweep = load_sweep(args.config)
+    if args.print_commands:
+      for variant in expand(sweep, args.workdir):
+        print(command(sweep, variant, args.workdir))
+      return
+    from tljax import parallel
+    parallel.enable_compilation_cache()
+    rows = run_sweep(sweep, args.workdir)
+  except UserError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  print(report.markdown_table(rows))
+  print(f'\nwrote {os.path.join(args.workdir, "results.md")}, results.csv'
+        + (f' and the plot {os.path.join(args.workdir, "results.png")}' if sweep.plot else ''))
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,124 @@
+"""Sweep results as tables (csv, markdown) and a plot: one row per variant, seeds averaged."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import statistics
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+TIME_KEYS = ('wall_time_s', 'median_step_time_s')
+COPIED_KEYS = ('preset', 'frozen_stages', 'trainable_params', 'examples_per_class',
+               'train_examples', 'final_step')
+
+
+@dataclasses.dataclass(frozen=True)
+class PlotSpec:
+  """y (an accuracy key) against `x`, one line per value of `series`; rows whose `reference`
+  key holds the reference value (e.g. preset 'scratch') are drawn as horizontal lines."""
+  x: str = 'frozen_stages'
+  series: str = 'examples_per_class'
+  reference: tuple[str, Any] | None = ('preset', 'scratch')
+  y: str = 'accuracy'
+  x_label: str = 'frozen stages (from the input)'
+  series_label: str = 'examples per class'
+
+
+def aggregate(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+  """One row per group of runs (variants differing only in seed): accuracy mean and std,
+  mean times, and the run facts (frozen stages, trainable parameters, ...)."""
+  groups: dict[str, list[Mapping[str, Any]]] = {}
+  for run in runs:
+    groups.setdefault(run['group'], []).append(run)
+  rows = []
+  for group, members in groups.items():
+    first = members[0]['results']
+    row: dict[str, Any] = dict(variant=group, seeds=len(members))
+    row.update({k: v for k, v in members[0]['tags'].items() if k != 'seed'})
+    row.update({k: first.get(k) for k in COPIED_KEYS})
+    for key in first['eval']:
+      if key.startswith('accuracy'):
+        values = [m['results']['eval'][key] for m in members]
+        row[f'{key}_mean'] = statistics.fmean(values)
+        row[f'{key}_std'] = statistics.stdev(values) if len(values) > 1 else 0.0
+    for key in TIME_KEYS:
+      values = [m['results'][key] for m in members if m['results'].get(key) is not None]
+      row[key] = statistics.fmean(values) if values else None
+    rows.append(row)
+  return rows
+
+
+def write_csv(rows: Sequence[Mapping[str, Any]], path: str) -> None:
+  columns = list(dict.fromkeys(k for row in rows for k in row))
+  with open(path, 'w', newline='') as f:
+    writer = csv.DictWriter(f, columns)
+    writer.writeheader()
+    writer.writerows(rows)
+
+
+def _accuracy_keys(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+  keys = dict.fromkeys(k[:-len('_mean')] for row in rows for k in row if k.endswith('_mean'))
+  return sorted(keys, key=lambda k: (k != 'accuracy', k))
+
+
+def _percent(row: Mapping[str, Any], key: str) -> str:
+  if f'{key}_mean' not in row:
+    return '-'
+  text = f'{100 * row[f"{key}_mean"]:.2f}'
+  return text + (f' ± {100 * row[f"{key}_std"]:.2f}' if row['seeds'] > 1 else '')
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]], missing: int = 0) -> str:
+  """The results table: accuracies in percent as mean ± std over seeds."""
+  accuracy_keys = _accuracy_keys(rows)
+  header = ['variant', 'frozen stages', 'trainable params', 'examples/class', 'seeds']
+  header += ['test ' + k.replace('_', ' ') + ' %' for k in accuracy_keys]
+  header += ['train wall time', 'median step']
+  lines = ['| ' + ' | '.join(header) + ' |', '|' + ' --- |' * len(header)]
+  for row in rows:
+    cells = [row['variant'], str(row['frozen_stages']), f'{row["trainable_params"]:,}',
+             'all' if row['examples_per_class'] is None else str(row['examples_per_class']),
+             str(row['seeds'])]
+    cells += [_percent(row, k) for k in accuracy_keys]
+    cells += ['-' if row['wall_time_s'] is None else f'{row["wall_time_s"]:.0f} s',
+              '-' if row['median_step_time_s'] is None else f'{row["median_step_time_s"]:.3f} s']
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  if missing:
+    lines.append(f'\n{missing} variant(s) not finished yet.')
+  return '\n'.join(lines)
+
+
+def plot(rows: Sequence[Mapping[str, Any]], spec: PlotSpec, path: str, title: str = '') -> None:
+  """Accuracy against `spec.x`, one line per series value, references as dashed lines."""
+  import matplotlib
+  matplotlib.use('Agg')
+  from matplotlib import pyplot
+
+  def is_reference(row: Mapping[str, Any]) -> bool:
+    return spec.reference is not None and row.get(spec.reference[0]) == spec.reference[1]
+
+  series_values = list(dict.fromkeys(row.get(spec.series) for row in rows
+                                     if not is_reference(row)))
+  figure, axes = pyplot.subplots(figsize=(7, 4.5))
+  colors = {}
+  for index, value in enumerate(series_values):
+    points = sorted((row[spec.x], 100 * row[f'{spec.y}_mean'], 100 * row[f'{spec.y}_std'])
+                    for row in rows if row.get(spec.series) == value and not is_reference(row))
+    xs, ys, errors = zip(*points, strict=True)
+    colors[value] = f'C{index}'
+    label = f'{spec.series_label} = {"all" if value is None else value}'
+    axes.errorbar(xs, ys, yerr=errors, marker='o', capsize=3, color=colors[value], label=label)
+  for row in rows:
+    if is_reference(row):
+      axes.axhline(100 * row[f'{spec.y}_mean'], linestyle='--',
+                   color=colors.get(row.get(spec.series), 'gray'), label=row['variant'])
+  axes.set_xlabel(spec.x_label)
+  axes.set_ylabel(f'test {spec.y.replace("_", " ")} (%)')
+  if title:
+    axes.set_title(title)
+  axes.grid(alpha=0.3)
+  axes.legend(fontsize=8)
+  figure.tight_layout()
+  figure.savefig(path, dpi=120)
+  pyplot.close(figure)

@@ -1,0 +1,121 @@
+"""Sweep definitions: a base config, named override sets and axes, expanded into variants.
+
+Sweep files (configs/ablations/) return a `Sweep` from `get_config(arg)`; `tljax.ablate` runs it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import re
+import shlex
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import ml_collections
+
+from tljax import config as config_lib
+from tljax.errors import UserError
+from tljax.report import PlotSpec
+
+SEED_KEY = 'seed'
+
+
+@dataclasses.dataclass(frozen=True)
+class Axis:
+  """One dimension of the product: `key` (a dotted config key) takes each of `values`;
+  each `linked` key takes the value at the same position (e.g. steps that fit the data size)."""
+  name: str
+  key: str
+  values: Sequence[Any]
+  linked: Mapping[str, Sequence[Any]] = dataclasses.field(default_factory=dict)
+
+  def overrides(self, index: int) -> dict[str, Any]:
+    for key, values in self.linked.items():
+      if len(values) != len(self.values):
+        raise UserError(f'axis {self.name!r}: linked key {key!r} has {len(values)} values '
+                        f'for {len(self.values)} axis values')
+    return {self.key: self.values[index], **{k: v[index] for k, v in self.linked.items()}}
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+  """A base config (`file.py[:arg]`), named override sets, and axes whose product each set
+  is crossed with. String override values may use `{sweep_dir}` and `{<axis name>}`."""
+  base: str
+  variants: Sequence[tuple] = (('', {}),)  # (name, overrides) or (name, overrides, tags)
+  axes: Sequence[Axis] = ()
+  overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # for every variant
+  plot: PlotSpec | None = None
+  title: str = ''
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  name: str  # its directory under the sweep's workdir
+  group: str  # the name without the seed: variants averaged together in the table
+  overrides: dict[str, Any]
+  tags: dict[str, Any]
+
+
+def _label(value: Any) -> str:
+  text = 'all' if value is None else str(value)
+  return re.sub(r'[^A-Za-z0-9_.=-]+', '', text.replace(':', ''))
+
+
+def expand(sweep: Sweep, sweep_dir: str) -> list[Variant]:
+  """Every (override set x axis point) as a Variant, in run order: sets outer, axes inner."""
+  variants, names = [], set()
+  for item in sweep.variants:
+    if len(item) not in (2, 3):
+      raise UserError(f'sweep variant {item!r} must be (name, overrides[, tags])')
+    set_name, set_overrides = item[0], dict(item[1])
+    set_tags = dict(item[2]) if len(item) == 3 else {}
+    for point in itertools.product(*(range(len(axis.values)) for axis in sweep.axes)):
+      labels = {axis.name: axis.values[i] for axis, i in zip(sweep.axes, point, strict=True)}
+      parts = [set_name] if set_name else []
+      group_parts = list(parts)
+      axis_overrides = {}
+      for axis, i in zip(sweep.axes, point, strict=True):
+        parts.append(f'{axis.name}{_label(axis.values[i])}')
+        axis_overrides.update(axis.overrides(i))
+        if axis.key != SEED_KEY:
+          group_parts.append(parts[-1])
+      name = '-'.join(parts) or 'base'
+      if name in names:
+        raise UserError(f'sweep variant name {name!r} occurs twice')
+      names.add(name)
+      substitutions = dict(sweep_dir=sweep_dir, **labels)
+      overrides = {**sweep.overrides, **set_overrides, **axis_overrides}
+      overrides = {k: v.format(**substitutions) if isinstance(v, str) and '{' in v else v
+                   for k, v in overrides.items()}
+      variants.append(Variant(name, '-'.join(group_parts) or 'base', overrides,
+                              {**set_tags, **labels, 'set': set_name}))
+  return variants
+
+
+def variant_config(base: ml_collections.ConfigDict, variant: Variant
+                   ) -> ml_collections.ConfigDict:
+  """The base config (resolved against the defaults) with the variant's overrides set."""
+  config = config_lib.resolve(base)
+  for key, value in variant.overrides.items():
+    try:
+      config_lib.set_override(config, key, value)
+    except UserError as e:
+      raise UserError(f'sweep variant {variant.name!r}: {e}') from None
+  return config
+
+
+def _flag_value(value: Any) -> str:
+  """How `--config.key=` spells `value`: strings raw, everything else as a Python literal."""
+  return value if isinstance(value, str) else repr(tuple(value) if isinstance(value, list)
+                                                   else value)
+
+
+def command(sweep: Sweep, variant: Variant, sweep_dir: str) -> str:
+  """The shell command that runs `variant` alone, as the in-process runner would."""
+  args = ['python', '-m', 'tljax.train', f'--config={sweep.base}',
+          f'--workdir={os.path.join(sweep_dir, variant.name)}']
+  args += [f'--config.{key}={_flag_value(value)}' for key, value in variant.overrides.items()]
+  return ' '.join(shlex.quote(a) for a in args)
