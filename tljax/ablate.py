@@ -103,8 +103,9 @@ def main(argv: Sequence[str] | None = None) -> None:
   try:
     sweep = load_sweep(args.config)
     if args.print_commands:
+      base = config_lib.load_config_file(sweep.base)
       for variant in expand(sweep, args.workdir):
-        print(command(sweep, variant, args.workdir))
+        print(command(sweep, variant, args.workdir, base))
       return
     from tljax import parallel
     parallel.enable_compilation_cache()

@@ -89,30 +89,41 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], missing: int = 0) -> str:
   return '\n'.join(lines)
 
 
+def plot_lines(rows: Sequence[Mapping[str, Any]], spec: PlotSpec
+               ) -> tuple[dict[Any, list[tuple[Any, float, float]]], list[tuple[str, Any, float]]]:
+  """What the plot draws: per series value, (x, y %, std %) points sorted by x; and the
+  reference rows as (variant, series value, y %)."""
+
+  def is_reference(row: Mapping[str, Any]) -> bool:
+    return spec.reference is not None and row.get(spec.reference[0]) == spec.reference[1]
+
+  series: dict[Any, list[tuple[Any, float, float]]] = {}
+  references = []
+  for row in rows:
+    y, error = 100 * row[f'{spec.y}_mean'], 100 * row[f'{spec.y}_std']
+    if is_reference(row):
+      references.append((row['variant'], row.get(spec.series), y))
+    else:
+      series.setdefault(row.get(spec.series), []).append((row[spec.x], y, error))
+  return {value: sorted(points) for value, points in series.items()}, references
+
+
 def plot(rows: Sequence[Mapping[str, Any]], spec: PlotSpec, path: str, title: str = '') -> None:
   """Accuracy against `spec.x`, one line per series value, references as dashed lines."""
   import matplotlib
   matplotlib.use('Agg')
   from matplotlib import pyplot
 
-  def is_reference(row: Mapping[str, Any]) -> bool:
-    return spec.reference is not None and row.get(spec.reference[0]) == spec.reference[1]
-
-  series_values = list(dict.fromkeys(row.get(spec.series) for row in rows
-                                     if not is_reference(row)))
+  series, references = plot_lines(rows, spec)
   figure, axes = pyplot.subplots(figsize=(7, 4.5))
   colors = {}
-  for index, value in enumerate(series_values):
-    points = sorted((row[spec.x], 100 * row[f'{spec.y}_mean'], 100 * row[f'{spec.y}_std'])
-                    for row in rows if row.get(spec.series) == value and not is_reference(row))
+  for index, (value, points) in enumerate(series.items()):
     xs, ys, errors = zip(*points, strict=True)
     colors[value] = f'C{index}'
     label = f'{spec.series_label} = {"all" if value is None else value}'
     axes.errorbar(xs, ys, yerr=errors, marker='o', capsize=3, color=colors[value], label=label)
-  for row in rows:
-    if is_reference(row):
-      axes.axhline(100 * row[f'{spec.y}_mean'], linestyle='--',
-                   color=colors.get(row.get(spec.series), 'gray'), label=row['variant'])
+  for name, value, y in references:
+    axes.axhline(y, linestyle='--', color=colors.get(value, 'gray'), label=name)
   axes.set_xlabel(spec.x_label)
   axes.set_ylabel(f'test {spec.y.replace("_", " ")} (%)')
   if title:

@@ -6,6 +6,7 @@ Sweep files (configs/ablations/) return a `Sweep` from `get_config(arg)`; `tljax
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import os
 import re
@@ -113,9 +114,24 @@ def _flag_value(value: Any) -> str:
                                                    else value)
 
 
-def command(sweep: Sweep, variant: Variant, sweep_dir: str) -> str:
-  """The shell command that runs `variant` alone, as the in-process runner would."""
+def command(sweep: Sweep, variant: Variant, sweep_dir: str,
+            base: ml_collections.ConfigDict) -> str:
+  """The shell command that runs `variant` alone, as the in-process runner would.
+
+  A None override is left out when the base config already holds None (config flags cannot
+  spell None for a typed key), and is an error otherwise.
+  """
+  variant_config(base, variant)  # unknown keys fail here, named
+  resolved = config_lib.resolve(base)
   args = ['python', '-m', 'tljax.train', f'--config={sweep.base}',
           f'--workdir={os.path.join(sweep_dir, variant.name)}']
-  args += [f'--config.{key}={_flag_value(value)}' for key, value in variant.overrides.items()]
+  for key, value in variant.overrides.items():
+    if value is None:
+      current = functools.reduce(lambda node, part: node.get(part), key.split('.'), resolved)
+      if current is not None:
+        raise UserError(f'sweep variant {variant.name!r}: {key}=None cannot be written as a '
+                        f'command-line flag over the base value {current!r}; make None the '
+                        'base value and set the others in the sweep')
+      continue
+    args.append(f'--config.{key}={_flag_value(value)}')
   return ' '.join(shlex.quote(a) for a in args)

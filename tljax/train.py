@@ -54,7 +54,10 @@ def _with_zoo_defaults(config: ml_collections.ConfigDict) -> ml_collections.Conf
 
 
 def _with_presets(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """`freeze.preset` and `init.load_stages` written out as optim.groups and init.dont_load."""
+  """`freeze.preset` and `init.load_stages` written out as optim.groups and init.dont_load.
+
+  Idempotent: a config that already went through it comes out the same.
+  """
   preset, load_stages = config.freeze.preset, config.init.load_stages
   if preset is None and load_stages is None:
     return config
@@ -62,18 +65,21 @@ def _with_presets(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   config = config.copy_and_resolve_references()
   with config.unlocked():
     if preset is not None:
-      if repr(list(config.optim.groups)) != repr(list(config_lib.base_config().optim.groups)):
+      groups = freeze.preset_groups(preset, stages, config.freeze.head_lr_mult)
+      if repr(list(config.optim.groups)) not in (
+          repr(list(config_lib.base_config().optim.groups)), repr(groups)):
         raise UserError(f'freeze.preset={preset!r} and optim.groups are both set; '
                         'use one of them')
-      config.optim.groups = freeze.preset_groups(preset, stages, config.freeze.head_lr_mult)
+      config.optim.groups = groups
       if preset == 'scratch':
         config.init.pretrained = None
     if load_stages is not None:
       if not 0 <= load_stages < len(stages):
         raise UserError(f'init.load_stages must be in [0, {len(stages) - 1}] for stages '
                         f'{list(stages)}, got {load_stages}')
-      config.init.dont_load = (*config.init.dont_load,
-                               freeze.stage_patterns(stages[load_stages:]))
+      not_loaded = freeze.stage_patterns(stages[load_stages:])
+      if not_loaded not in config.init.dont_load:
+        config.init.dont_load = (*config.init.dont_load, not_loaded)
   return config
 
 

@@ -273,7 +273,10 @@ class ElpvSource(Source):
           continue
         try:
           path, probability, cell_type = fields
-          label = ELPV_PROBABILITIES.index(round(float(probability) * 3))
+          thirds = float(probability) * 3
+          if abs(thirds - round(thirds)) > 1e-4:
+            raise ValueError(probability)
+          label = ELPV_PROBABILITIES.index(round(thirds))
         except ValueError:
           raise DataError(f'{labels_csv}:{line_number}: expected "<image> <probability in '
                           f'0, 1/3, 2/3, 1> <type>", got {line.strip()!r}') from None

@@ -1,0 +1,218 @@
+"""Ablation sweeps: expansion, in-process runs with skip and resume, results files, commands."""
+
+import csv
+import dataclasses
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from conftest import REPO
+from PIL import Image
+
+from tljax import ablate, report, train
+from tljax.errors import UserError
+from tljax.sweep import Axis, Sweep, command, expand, variant_config
+
+BASE_CONFIG = """
+from tljax.config import base_config
+
+def get_config(arg=None):
+  c = base_config()
+  c.model = dict(name='small_cnn', num_classes=3, width=4)
+  c.data.update(source='npz', path={path!r}, image_size=16, augment=False, batch_size=16,
+                eval_batch_size=16)
+  c.optim.update(name='sgd', lr=0.1, momentum=0.9)
+  c.total_steps, c.log_every, c.checkpoint_every = 6, 2, 3
+  return c
+"""
+
+
+@pytest.fixture
+def base_file(tmp_path, npz_path):
+  path = tmp_path / 'base.py'
+  path.write_text(BASE_CONFIG.format(path=npz_path))
+  return str(path)
+
+
+def _sweep(base, **changes):
+  sweep = Sweep(
+      base=base, title='test sweep',
+      variants=[('scratch', {'freeze.preset': 'scratch'}),
+                ('probe', {'freeze.preset': 'linear_probe'})],
+      axes=[Axis('k', 'data.examples_per_class', (4, None), linked={'total_steps': (3, 6)}),
+            Axis('seed', 'seed', (0, 1))],
+      plot=report.PlotSpec())
+  return dataclasses.replace(sweep, **changes)
+
+
+def test_expand_names_groups_linked_keys_and_substitution():
+  sweep = Sweep(
+      base='unused.py',
+      variants=[('base', {}, {'family': 'A'}), ('AnB', {'init.load_stages': 2}, {'family': 'X'})],
+      axes=[Axis('k', 'data.examples_per_class', (5, None), linked={'total_steps': (10, 40)}),
+            Axis('seed', 'seed', (0, 1))],
+      overrides={'init.pretrained': '{sweep_dir}/base-k{k}-seed{seed}', 'optim.lr': 0.5})
+  variants = expand(sweep, '/runs')
+  assert [v.name for v in variants] == [
+      'base-k5-seed0', 'base-k5-seed1', 'base-kall-seed0', 'base-kall-seed1',
+      'AnB-k5-seed0', 'AnB-k5-seed1', 'AnB-kall-seed0', 'AnB-kall-seed1']
+  assert [v.group for v in variants[::2]] == ['base-k5', 'base-kall', 'AnB-k5', 'AnB-kall']
+  anb = variants[7]
+  assert anb.overrides == {'init.pretrained': '/runs/base-kNone-seed1', 'optim.lr': 0.5,
+                           'init.load_stages': 2, 'data.examples_per_class': None,
+                           'total_steps': 40, 'seed': 1}
+  assert anb.tags == {'family': 'X', 'k': None, 'seed': 1, 'set': 'AnB'}
+  assert variants[0].overrides['total_steps'] == 10
+
+
+def test_expand_rejects_mismatched_links_and_duplicate_names():
+  linked = Sweep(base='x.py', axes=[Axis('k', 'data.examples_per_class', (1, 2),
+                                         linked={'total_steps': (10,)})])
+  with pytest.raises(UserError, match="linked key 'total_steps' has 1 values for 2"):
+    expand(linked, '/d')
+  twice = Sweep(base='x.py', variants=[('a', {}), ('a', {'seed': 3})])
+  with pytest.raises(UserError, match="'a' occurs twice"):
+    expand(twice, '/d')
+
+
+def test_unknown_override_key_names_the_variant_and_key(base_file):
+  from tljax.config import load_config_file
+  sweep = Sweep(base=base_file, variants=[('bad', {'optim.learning_rate': 0.1})])
+  (variant,) = expand(sweep, '/d')
+  with pytest.raises(UserError, match=r"'bad'.*'optim.learning_rate'"):
+    variant_config(load_config_file(base_file), variant)
+
+
+def _group_stats(sweep_dir, group, key='accuracy'):
+  values = []
+  for seed in (0, 1):
+    with open(os.path.join(sweep_dir, f'{group}-seed{seed}', 'results.json')) as f:
+      values.append(json.load(f)['eval'][key])
+  return statistics.fmean(values), statistics.stdev(values)
+
+
+def test_sweep_runs_gathers_skips_resumes_and_refuses_changed_configs(
+    base_file, tmp_path, monkeypatch, capsys):
+  sweep_dir = str(tmp_path / 'sweep')
+  sweep = _sweep(base_file)
+  rows = ablate.run_sweep(sweep, sweep_dir)
+
+  # One row per group, seeds averaged; the csv and markdown hold the same numbers.
+  assert [r['variant'] for r in rows] == ['scratch-k4', 'scratch-kall', 'probe-k4', 'probe-kall']
+  with open(os.path.join(sweep_dir, 'results.csv')) as f:
+    table = {row['variant']: row for row in csv.DictReader(f)}
+  markdown = open(os.path.join(sweep_dir, 'results.md')).read()
+  for group in table:
+    mean, std = _group_stats(sweep_dir, group)
+    assert float(table[group]['accuracy_mean']) == pytest.approx(mean)
+    assert float(table[group]['accuracy_std']) == pytest.approx(std)
+    assert f'| {group} |' in markdown and f'{100 * mean:.2f} ± {100 * std:.2f}' in markdown
+  # Facts from the runs: the probe trains only the head (16 features x 3 classes + 3 biases).
+  assert table['probe-k4']['frozen_stages'] == '3' and table['scratch-k4']['frozen_stages'] == '0'
+  assert table['probe-kall']['trainable_params'] == str(16 * 3 + 3)
+  assert table['probe-k4']['train_examples'] == '12'
+  assert table['probe-kall']['train_examples'] == '48'
+  with Image.open(os.path.join(sweep_dir, 'results.png')) as image:
+    assert image.format == 'PNG' and image.width > 300
+
+  # The same command again runs nothing.
+  calls = []
+  real_run = train.run
+  monkeypatch.setattr(train, 'run', lambda config, workdir: calls.append(workdir) or
+                      real_run(config, workdir))
+  capsys.readouterr()
+  ablate.run_sweep(sweep, sweep_dir)
+  assert calls == []
+  assert capsys.readouterr().out.count('finished, skipped') == 8
+
+  # An interrupted variant (no results, checkpoints up to step 3 of 6) resumes from step 3 and
+  # ends where the uninterrupted run ended.
+  victim = os.path.join(sweep_dir, 'probe-kall-seed1')
+  with open(os.path.join(victim, 'results.json')) as f:
+    before = json.load(f)['eval']
+  os.remove(os.path.join(victim, 'results.json'))
+  shutil.rmtree(os.path.join(victim, 'checkpoints', '6'))
+  ablate.run_sweep(sweep, sweep_dir)
+  assert calls == [victim]
+  assert 'resumed from checkpoint at step 3' in capsys.readouterr().out
+  with open(os.path.join(victim, 'results.json')) as f:
+    after = json.load(f)['eval']
+  assert after['accuracy'] == before['accuracy']
+  assert after['loss'] == pytest.approx(before['loss'], rel=1e-5)
+
+  # A changed sweep over the same workdir is refused, naming the variant and the key.
+  results_before = open(os.path.join(sweep_dir, 'results.md')).read()
+  changed = _sweep(base_file, overrides={'optim.lr': 0.05})
+  with pytest.raises(UserError, match=r"'scratch-k4-seed0'.*optim\.lr"):
+    ablate.run_sweep(changed, sweep_dir)
+  assert len(calls) == 1
+  assert open(os.path.join(sweep_dir, 'results.md')).read() == results_before
+
+
+def test_printed_commands_run_as_is_and_match_the_in_process_variant(base_file, tmp_path,
+                                                                      monkeypatch):
+  sweep_file = tmp_path / 'sweep.py'
+  sweep_file.write_text(textwrap.dedent(f"""
+      from tljax.sweep import Axis, Sweep
+
+      def get_config(arg=None):
+        return Sweep(base={base_file!r},
+                     variants=[('probe', {{'freeze.preset': 'linear_probe'}})],
+                     axes=[Axis('k', 'data.examples_per_class', (4, None)),
+                           Axis('seed', 'seed', (0,))])
+      """))
+  sweep_dir = str(tmp_path / 'sweep dir')  # a space: the commands must quote it
+  env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ['PATH'],
+             JAX_PLATFORMS='cpu')
+  printed = subprocess.run(
+      [sys.executable, '-m', 'tljax.ablate', f'--config={sweep_file}', f'--workdir={sweep_dir}',
+       '--print-commands'], cwd=REPO, env=env, capture_output=True, text=True, check=True)
+  lines = printed.stdout.strip().splitlines()
+  assert len(lines) == 2 and all(line.startswith('python -m tljax.train ') for line in lines)
+  assert "'--workdir=" in lines[0]
+  assert '--config.data.examples_per_class=4' in lines[0]
+  assert 'examples_per_class' not in lines[1]  # None is the base value: left out
+  subprocess.run(lines[0], shell=True, cwd=REPO, env=env, check=True, capture_output=True)
+
+  # The sweep runner sees the command's run as its own finished variant: same config.
+  calls = []
+  real_run = train.run
+  monkeypatch.setattr(train, 'run', lambda config, workdir: calls.append(workdir) or
+                      real_run(config, workdir))
+  ablate.run_sweep(ablate.load_sweep(str(sweep_file)), sweep_dir)
+  assert calls == [os.path.join(sweep_dir, 'probe-kall-seed0')]
+
+
+def test_none_over_a_set_base_value_cannot_become_a_flag(base_file):
+  from tljax.config import load_config_file
+  sweep = Sweep(base=base_file, variants=[('a', {'data.image_size': None})])
+  (variant,) = expand(sweep, '/d')
+  with pytest.raises(UserError, match=r'data\.image_size=None.*16'):
+    command(sweep, variant, '/d', load_config_file(base_file))
+
+
+def test_load_sweep_rejects_a_plain_config(base_file):
+  with pytest.raises(UserError, match='must return a tljax.sweep.Sweep'):
+    ablate.load_sweep(base_file)
+
+
+def test_plot_lines_sort_points_per_series_and_split_off_references(tmp_path):
+  rows = [dict(variant=f'p{x}-k{k}', preset='stages', frozen_stages=x, examples_per_class=k,
+               seeds=2, accuracy_mean=0.5 + 0.1 * x, accuracy_std=0.01)
+          for x in (2, 0, 1) for k in (5, None)]
+  rows.append(dict(variant='scratch-k5', preset='scratch', frozen_stages=0,
+                   examples_per_class=5, seeds=2, accuracy_mean=0.4, accuracy_std=0.0))
+  series, references = report.plot_lines(rows, report.PlotSpec())
+  assert list(series) == [5, None]
+  assert [x for x, _, _ in series[5]] == [0, 1, 2]
+  assert series[None][2] == pytest.approx((2, 70.0, 1.0))
+  assert references == [('scratch-k5', 5, 40.0)]
+  path = str(tmp_path / 'plot.png')
+  report.plot(rows, report.PlotSpec(), path, 'title')
+  with Image.open(path) as image:
+    assert image.format == 'PNG'
