@@ -31,10 +31,9 @@ fashion-mnist:
 test: install fashion-mnist
 	$(PY) -m pytest -q tests
 
-demo: install fashion-mnist
-	bash launch/local.sh configs/fashion_mnist_transfer.py:pretrain $(DEMO_DIR)/pretrain
-	bash launch/local.sh configs/fashion_mnist_transfer.py:transfer $(DEMO_DIR)/transfer \
-	  --config.init.pretrained=$(DEMO_DIR)/pretrain
+# ImageNet MobileNetV2 -> ELPV solar cells: ten freeze-depth x data-size runs, table and plot.
+demo: install
+	$(PY) -m tljax.ablate --config=configs/ablations/elpv_demo.py --workdir=$(DEMO_DIR)
 
 lint: install
 	$(VENV)/bin/ruff check tljax tests configs

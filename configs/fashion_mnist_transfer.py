@@ -9,7 +9,8 @@ those weights, freezes the stem and stage1, gives the new zero-initialised head 
 sandal, shirt, sneaker, bag, ankle boot) a 10x learning rate and trains the rest with
 `examples_per_class` labelled images per class (arg `transfer:N`, default 100).
 `scratch[:N]` trains the same network with the same data from random weights, for comparison.
-This is `make demo`; data from Debian's dataset-fashion-mnist (MIT).
+A small worked example (it was the first `make demo`); data from Debian's dataset-fashion-mnist
+(MIT).
 """
 
 from tljax.config import base_config

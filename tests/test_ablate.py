@@ -212,7 +212,24 @@ def test_plot_lines_sort_points_per_series_and_split_off_references(tmp_path):
   assert [x for x, _, _ in series[5]] == [0, 1, 2]
   assert series[None][2] == pytest.approx((2, 70.0, 1.0))
   assert references == [('scratch-k5', 5, 40.0)]
+  chosen, _ = report.plot_lines(rows, report.PlotSpec(series_values=(None, 7)))
+  assert list(chosen) == [None]
   path = str(tmp_path / 'plot.png')
   report.plot(rows, report.PlotSpec(), path, 'title')
   with Image.open(path) as image:
     assert image.format == 'PNG'
+
+
+def test_published_rows_sit_in_the_matching_accuracy_column():
+  rows = [dict(variant='full', frozen_stages=0, trainable_params=10, examples_per_class=None,
+               seeds=1, accuracy_mean=0.7, accuracy_std=0.0, accuracy_binary_mean=0.8,
+               accuracy_binary_std=0.0, wall_time_s=3.0, median_step_time_s=0.1)]
+  table = report.markdown_table(rows, published=[('paper', {'accuracy_binary': 0.9})])
+  header, _, measured, paper = table.splitlines()
+  columns = [c.strip() for c in header.split('|')]
+  paper_cells = [c.strip() for c in paper.split('|')]
+  measured_cells = [c.strip() for c in measured.split('|')]
+  assert len(paper_cells) == len(columns)
+  assert paper_cells[columns.index('test accuracy binary %')] == '*90.00*'
+  assert paper_cells[columns.index('test accuracy %')] == ''
+  assert measured_cells[columns.index('test accuracy %')] == '70.00'

@@ -76,7 +76,8 @@ def write_results(sweep: Sweep, sweep_dir: str, variants: Sequence[Variant]
                          results=json.load(f)))
   rows = report.aggregate(runs)
   report.write_csv(rows, os.path.join(sweep_dir, 'results.csv'))
-  table = report.markdown_table(rows, missing=len(variants) - len(runs))
+  table = report.markdown_table(rows, missing=len(variants) - len(runs),
+                                published=sweep.published)
   with open(os.path.join(sweep_dir, 'results.md'), 'w') as f:
     f.write((f'# {sweep.title}\n\n' if sweep.title else '') + table + '\n')
   if sweep.plot is not None and rows:
@@ -113,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
-  print(report.markdown_table(rows))
+  print(report.markdown_table(rows, published=sweep.published))
   print(f'\nwrote {os.path.join(args.workdir, "results.md")}, results.csv'
         + (f' and the plot {os.path.join(args.workdir, "results.png")}' if sweep.plot else ''))
 

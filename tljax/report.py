@@ -23,6 +23,7 @@ class PlotSpec:
   y: str = 'accuracy'
   x_label: str = 'frozen stages (from the input)'
   series_label: str = 'examples per class'
+  series_values: tuple | None = None  # draw only these series, in this order (None: all)
 
 
 def aggregate(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -69,8 +70,10 @@ def _percent(row: Mapping[str, Any], key: str) -> str:
   return text + (f' ± {100 * row[f"{key}_std"]:.2f}' if row['seeds'] > 1 else '')
 
 
-def markdown_table(rows: Sequence[Mapping[str, Any]], missing: int = 0) -> str:
-  """The results table: accuracies in percent as mean ± std over seeds."""
+def markdown_table(rows: Sequence[Mapping[str, Any]], missing: int = 0,
+                   published: Sequence[tuple[str, Mapping[str, float]]] = ()) -> str:
+  """The results table: accuracies in percent as mean ± std over seeds, then any published
+  results (label, {accuracy key: fraction}) in the same columns, for comparison."""
   accuracy_keys = _accuracy_keys(rows)
   header = ['variant', 'frozen stages', 'trainable params', 'examples/class', 'seeds']
   header += ['test ' + k.replace('_', ' ') + ' %' for k in accuracy_keys]
@@ -84,6 +87,10 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], missing: int = 0) -> str:
     cells += ['-' if row['wall_time_s'] is None else f'{row["wall_time_s"]:.0f} s',
               '-' if row['median_step_time_s'] is None else f'{row["median_step_time_s"]:.3f} s']
     lines.append('| ' + ' | '.join(cells) + ' |')
+  for label, accuracies in published:
+    cells = [f'*{label}*', '', '', '', '']
+    cells += [f'*{100 * accuracies[k]:.2f}*' if k in accuracies else '' for k in accuracy_keys]
+    lines.append('| ' + ' | '.join(cells + ['', '']) + ' |')
   if missing:
     lines.append(f'\n{missing} variant(s) not finished yet.')
   return '\n'.join(lines)
@@ -103,9 +110,11 @@ def plot_lines(rows: Sequence[Mapping[str, Any]], spec: PlotSpec
     y, error = 100 * row[f'{spec.y}_mean'], 100 * row[f'{spec.y}_std']
     if is_reference(row):
       references.append((row['variant'], row.get(spec.series), y))
-    else:
+    elif spec.series_values is None or row.get(spec.series) in spec.series_values:
       series.setdefault(row.get(spec.series), []).append((row[spec.x], y, error))
-  return {value: sorted(points) for value, points in series.items()}, references
+  order = list(series) if spec.series_values is None else [
+      value for value in spec.series_values if value in series]
+  return {value: sorted(series[value]) for value in order}, references
 
 
 def plot(rows: Sequence[Mapping[str, Any]], spec: PlotSpec, path: str, title: str = '') -> None:
@@ -120,7 +129,8 @@ def plot(rows: Sequence[Mapping[str, Any]], spec: PlotSpec, path: str, title: st
   for index, (value, points) in enumerate(series.items()):
     xs, ys, errors = zip(*points, strict=True)
     colors[value] = f'C{index}'
-    label = f'{spec.series_label} = {"all" if value is None else value}'
+    text = 'all' if value is None else str(value)
+    label = f'{spec.series_label} = {text}' if spec.series_label else text
     axes.errorbar(xs, ys, yerr=errors, marker='o', capsize=3, color=colors[value], label=label)
   for name, value, y in references:
     axes.axhline(y, linestyle='--', color=colors.get(value, 'gray'), label=name)

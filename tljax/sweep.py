@@ -50,6 +50,8 @@ class Sweep:
   overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # for every variant
   plot: PlotSpec | None = None
   title: str = ''
+  # Published results shown under the measured rows: (label, {accuracy key: fraction}).
+  published: Sequence[tuple[str, Mapping[str, float]]] = ()
 
 
 @dataclasses.dataclass(frozen=True)
