@@ -80,6 +80,15 @@ def test_expand_rejects_mismatched_links_and_duplicate_names():
     expand(twice, '/d')
 
 
+def test_unknown_placeholder_names_the_variant_key_and_known_names():
+  sweep = Sweep(base='x.py', variants=[('a', {'init.dont_load': ('x',), 'init.pretrained':
+                                             '{sweep_dir}/{base}'})])
+  with pytest.raises(UserError, match=r"'a': init.pretrained=.*'base'.*\['sweep_dir'\]"):
+    expand(sweep, '/d')
+  sweep = Sweep(base='x.py', variants=[('a', {'init.pretrained': '{sweep_dir}/x{{2}}'})])
+  assert expand(sweep, '/d')[0].overrides['init.pretrained'] == '/d/x{2}'
+
+
 def test_unknown_override_key_names_the_variant_and_key(base_file):
   from tljax.config import load_config_file
   sweep = Sweep(base=base_file, variants=[('bad', {'optim.learning_rate': 0.1})])

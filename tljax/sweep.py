@@ -67,6 +67,18 @@ def _label(value: Any) -> str:
   return re.sub(r'[^A-Za-z0-9_.=-]+', '', text.replace(':', ''))
 
 
+def _substitute(value: Any, substitutions: Mapping[str, Any], variant: str, key: str) -> Any:
+  """`value` with {sweep_dir} and {<axis name>} filled in (strings only; `{{` is a brace)."""
+  if not isinstance(value, str) or '{' not in value:
+    return value
+  try:
+    return value.format(**substitutions)
+  except (KeyError, IndexError, ValueError) as e:
+    raise UserError(f'sweep variant {variant!r}: {key}={value!r} names {e} but only '
+                    f'{sorted(substitutions)} can be filled in (write a literal brace as '
+                    '{{ or }})') from None
+
+
 def expand(sweep: Sweep, sweep_dir: str) -> list[Variant]:
   """Every (override set x axis point) as a Variant, in run order: sets outer, axes inner."""
   variants, names = [], set()
@@ -91,8 +103,7 @@ def expand(sweep: Sweep, sweep_dir: str) -> list[Variant]:
       names.add(name)
       substitutions = dict(sweep_dir=sweep_dir, **labels)
       overrides = {**sweep.overrides, **set_overrides, **axis_overrides}
-      overrides = {k: v.format(**substitutions) if isinstance(v, str) and '{' in v else v
-                   for k, v in overrides.items()}
+      overrides = {k: _substitute(v, substitutions, name, k) for k, v in overrides.items()}
       variants.append(Variant(name, '-'.join(group_parts) or 'base', overrides,
                               {**set_tags, **labels, 'set': set_name}))
   return variants
