@@ -63,11 +63,14 @@ def test_expand_names_groups_linked_keys_and_substitution():
       'AnB-k5-seed0', 'AnB-k5-seed1', 'AnB-kall-seed0', 'AnB-kall-seed1']
   assert [v.group for v in variants[::2]] == ['base-k5', 'base-kall', 'AnB-k5', 'AnB-kall']
   anb = variants[7]
-  assert anb.overrides == {'init.pretrained': '/runs/base-kNone-seed1', 'optim.lr': 0.5,
+  assert anb.overrides == {'init.pretrained': '/runs/base-kall-seed1', 'optim.lr': 0.5,
                            'init.load_stages': 2, 'data.examples_per_class': None,
                            'total_steps': 40, 'seed': 1}
   assert anb.tags == {'family': 'X', 'k': None, 'seed': 1, 'set': 'AnB'}
   assert variants[0].overrides['total_steps'] == 10
+  # the substituted path is the directory of the base variant with the same axis values
+  for variant in variants:
+    assert os.path.basename(variant.overrides['init.pretrained']) in {v.name for v in variants}
 
 
 def test_expand_rejects_mismatched_links_and_duplicate_names():

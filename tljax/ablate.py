@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
+from flax import traverse_util
 
 from tljax import config as config_lib
 from tljax import report
@@ -31,15 +32,9 @@ def _finished(workdir: str) -> bool:
 def _config_differences(workdir: str, config: ml_collections.ConfigDict) -> list[str]:
   """Keys whose value in the workdir's config.json differs from `config`'s."""
   with open(os.path.join(workdir, 'config.json')) as f:
-    before = _flatten(json.load(f))
-  now = _flatten(json.loads(config.to_json_best_effort()))
+    before = traverse_util.flatten_dict(json.load(f), sep='.')
+  now = traverse_util.flatten_dict(json.loads(config.to_json_best_effort()), sep='.')
   return sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
-
-
-def _flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
-  if isinstance(tree, dict):
-    return {k: v for key, sub in tree.items() for k, v in _flatten(sub, f'{prefix}{key}.').items()}
-  return {prefix[:-1]: tree}
 
 
 def run_sweep(sweep: Sweep, sweep_dir: str) -> list[dict[str, Any]]:

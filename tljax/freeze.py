@@ -130,6 +130,8 @@ def stage_groups(stages: Sequence[str], frozen_stages: int,
   groups: list[tuple[str, Any]] = []
   if frozen_stages:
     groups.append((stage_patterns(stages[:frozen_stages]), None))
+  if frozen_stages == len(stages) - 1:  # only the head is left: one group, with its rule
+    return [*groups, ('.*', dict(head_rule or {}))]
   if head_rule is not None:
     groups.append((f'{re.escape(stages[-1])}/.*', dict(head_rule)))
   groups.append(('.*', {}))
@@ -156,8 +158,6 @@ def preset_groups(preset: str, stages: Sequence[str], head_lr_mult: float = 1.0
       raise FreezeError(f'freeze.preset must be one of {list(PRESETS)}, got {preset!r}')
     frozen = int(count)
   head_rule = None if head_lr_mult == 1.0 else dict(lr_mult=head_lr_mult)
-  if frozen == len(stages) - 1:  # only the head trains: one trainable group
-    return [(stage_patterns(stages[:frozen]), None), ('.*', head_rule or {})]
   return stage_groups(stages, frozen, head_rule)
 
 

@@ -101,7 +101,9 @@ def expand(sweep: Sweep, sweep_dir: str) -> list[Variant]:
       if name in names:
         raise UserError(f'sweep variant name {name!r} occurs twice')
       names.add(name)
-      substitutions = dict(sweep_dir=sweep_dir, **labels)
+      # Axis values as they are spelled in variant names, so '{sweep_dir}/base-k{k}-seed{seed}'
+      # names the directory of another variant.
+      substitutions = dict(sweep_dir=sweep_dir, **{k: _label(v) for k, v in labels.items()})
       overrides = {**sweep.overrides, **set_overrides, **axis_overrides}
       overrides = {k: _substitute(v, substitutions, name, k) for k, v in overrides.items()}
       variants.append(Variant(name, '-'.join(group_parts) or 'base', overrides,
