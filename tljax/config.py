@@ -41,6 +41,9 @@ def base_config() -> ml_collections.ConfigDict:
       batch_size=32, eval_batch_size=placeholder(int),
       examples_per_class=placeholder(int), subset_seed=0, shuffle_buffer=10_000,
       cache_decoded=False,  # keep decoded, resized uint8 images in memory after first use
+      # Compute the frozen leading stages once per example and train on their outputs; needs
+      # augment=False and a frozen prefix (tljax.features).
+      cache_features=False,
   )
   c.optim = dict(
       name='sgd', lr=0.01, momentum=0.9, nesterov=False, weight_decay=0.0,
@@ -48,6 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
       schedule=dict(name='cosine', warmup_steps=0, end_factor=0.0, boundaries=(0.5, 0.75),
                     decay_factor=0.1),
       groups=[('.*', {})],
+      grad_accum_steps=1,  # split each batch into this many sequential microbatches
   )
   # Named freeze depth instead of optim.groups: 'full', 'linear_probe', 'scratch' (full, no
   # pretrained init) or 'stages:K' (first K of the model's STAGES frozen).
@@ -62,6 +66,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.seed = 0
   c.parallel = 'jit'  # 'jit' (sharded over a mesh) | 'pmap'
+  # Mixed precision: parameters stay float32; the step computes in this dtype.
+  c.compute_dtype = 'float32'  # 'float32' | 'bfloat16' | 'float16'
   return c
 
 
@@ -132,6 +138,17 @@ def set_override(config: ml_collections.ConfigDict, key: str, value: Any) -> Non
       node[leaf] = value
   except (TypeError, ValueError) as e:
     raise ConfigError(f'override {key}={value!r}: {e}') from None
+
+
+COMPUTE_DTYPES = ('float32', 'bfloat16', 'float16')
+
+
+def compute_dtype(config: ml_collections.ConfigDict) -> str | None:
+  """`compute_dtype` checked; None for float32 (nothing to cast)."""
+  name = config.compute_dtype
+  if name not in COMPUTE_DTYPES:
+    raise ConfigError(f'compute_dtype must be one of {COMPUTE_DTYPES}, got {name!r}')
+  return None if name == 'float32' else name
 
 
 def total_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> int:

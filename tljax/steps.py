@@ -48,13 +48,34 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
   return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
 
 
+def cast_floats(tree: Any, dtype: Any) -> Any:
+  """Floating-point leaves cast to `dtype` (the compute copy of float32 parameters)."""
+  return jax.tree.map(
+      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def _microbatches(batch: dict[str, jax.Array], count: int) -> dict[str, jax.Array]:
+  """(count, B / count, ...) with microbatch i = rows i, i + count, ...: every device's shard
+  of the batch axis holds rows of every microbatch, so each microbatch still spans all devices."""
+  def split(x):
+    if x.shape[0] % count:
+      raise ValueError(f'batch of {x.shape[0]} does not split into {count} microbatches '
+                       '(optim.grad_accum_steps)')
+    return jnp.swapaxes(x.reshape(x.shape[0] // count, count, *x.shape[1:]), 0, 1)
+  return jax.tree.map(split, batch)
+
+
 def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, mask: Any,
                     schedule: optax.Schedule, seed: int, label_smoothing: float = 0.0,
-                    axis_name: str | None = None) -> Callable:
+                    axis_name: str | None = None, compute_dtype: Any = None,
+                    grad_accum_steps: int = 1) -> Callable:
   """Returns train_step(state, batch) -> (state, metrics).
 
   `mask` is the static boolean pytree of trainable leaves. Under pmap, `axis_name` names the
-  device axis over which gradients and metrics are averaged.
+  device axis over which gradients and metrics are averaged. `compute_dtype` (e.g. bfloat16)
+  casts parameters and images for the forward and backward passes; parameters, gradients and
+  optimizer state stay float32. `grad_accum_steps` > 1 runs the batch as that many sequential
+  microbatches and averages their gradients (BatchNorm statistics update once per microbatch).
   """
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
     trainable, frozen = split_trainable(state.params, mask)
@@ -62,16 +83,37 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, m
     if axis_name is not None:
       dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(axis_name))
 
-    def loss_fn(trainable_params):
+    def loss_fn(trainable_params, batch_stats, micro, rng):
       params = merge_trainable(mask, trainable_params, frozen)
+      images = micro['image']
+      if compute_dtype is not None:
+        params, images = cast_floats(params, compute_dtype), images.astype(compute_dtype)
       logits, updates = model.apply(
-          {'params': params, 'batch_stats': state.batch_stats}, batch['image'], train=True,
-          mutable=['batch_stats'], rngs={'dropout': dropout_rng})
-      loss = jnp.mean(cross_entropy(logits, batch['label'], label_smoothing))
-      return loss, (logits, updates['batch_stats'])
+          {'params': params, 'batch_stats': batch_stats}, images, train=True,
+          mutable=['batch_stats'], rngs={'dropout': rng})
+      loss = jnp.mean(cross_entropy(logits, micro['label'], label_smoothing))
+      correct = jnp.mean(jnp.argmax(logits, -1) == micro['label'])
+      return loss, (correct, updates['batch_stats'])
 
-    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
-    accuracy = jnp.mean(jnp.argmax(logits, -1) == batch['label'])
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if grad_accum_steps == 1:
+      (loss, (accuracy, batch_stats)), grads = grad_fn(trainable, state.batch_stats, batch,
+                                                       dropout_rng)
+    else:
+      def accumulate(carry, inputs):
+        grad_sum, loss_sum, correct_sum, stats = carry
+        index, micro = inputs
+        (loss, (correct, stats)), grads = grad_fn(trainable, stats, micro,
+                                                  jax.random.fold_in(dropout_rng, index))
+        grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
+        return (grad_sum, loss_sum + loss, correct_sum + correct, stats), None
+
+      zeros = jax.tree.map(jnp.zeros_like, trainable)
+      (grads, loss, accuracy, batch_stats), _ = jax.lax.scan(
+          accumulate, (zeros, 0.0, 0.0, state.batch_stats),
+          (jnp.arange(grad_accum_steps), _microbatches(batch, grad_accum_steps)))
+      grads, loss, accuracy = jax.tree.map(lambda x: x / grad_accum_steps,
+                                           (grads, loss, accuracy))
     if axis_name is not None:
       grads, loss, accuracy = jax.lax.pmean((grads, loss, accuracy), axis_name)
     # Frozen leaves get constant zeros: set_to_zero ignores them and clipping sees norm 0.
@@ -89,7 +131,8 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, m
 
 
 def make_eval_step(model: nn.Module, axis_name: str | None = None,
-                   groupings: dict[str, Any] | None = None) -> Callable:
+                   groupings: dict[str, Any] | None = None, compute_dtype: Any = None
+                   ) -> Callable:
   """Returns eval_step(state, batch) -> summed metrics; `batch['mask']` zeroes padding.
 
   `groupings` maps a name to a class -> group table; `correct_<name>` counts predictions in
@@ -98,8 +141,11 @@ def make_eval_step(model: nn.Module, axis_name: str | None = None,
   tables = {name: jnp.asarray(table) for name, table in (groupings or {}).items()}
 
   def eval_step(state: TrainState, batch: dict[str, jax.Array]):
-    logits = model.apply({'params': state.params, 'batch_stats': state.batch_stats},
-                         batch['image'], train=False)
+    params, images = state.params, batch['image']
+    if compute_dtype is not None:
+      params, images = cast_floats(params, compute_dtype), images.astype(compute_dtype)
+    logits = model.apply({'params': params, 'batch_stats': state.batch_stats}, images,
+                         train=False)
     mask = batch['mask'].astype(jnp.float32)
     losses = cross_entropy(logits, batch['label'])
     predicted = jnp.argmax(logits, -1)

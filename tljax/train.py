@@ -23,7 +23,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from tljax import checkpoint, freeze, metrics, optim, parallel, steps
+from tljax import checkpoint, features, freeze, metrics, optim, parallel, steps
 from tljax import config as config_lib
 from tljax.data import pipeline, sources
 from tljax.errors import UserError
@@ -129,6 +129,54 @@ def create_train_state(config: ml_collections.ConfigDict):
   return model, params, batch_stats, groups, labels
 
 
+def _grad_accum_steps(config: ml_collections.ConfigDict) -> int:
+  """optim.grad_accum_steps, checked against the batch each device sees."""
+  count = int(config.optim.grad_accum_steps)
+  per_device = config.data.batch_size // jax.device_count()
+  if count < 1 or per_device % count:
+    raise UserError(f'optim.grad_accum_steps={count} must be >= 1 and divide the per-device '
+                    f'batch of {per_device} (data.batch_size={config.data.batch_size} over '
+                    f'{jax.device_count()} devices)')
+  return count
+
+
+@dataclasses.dataclass
+class FeatureCache:
+  """The frozen prefix's outputs for every training example (tljax.features)."""
+  stage: str
+  arrays: dict[str, np.ndarray]
+  seconds: float
+
+  def summary(self) -> dict[str, Any]:
+    return dict(stage=self.stage, examples=len(self.arrays['label']),
+                shape=list(self.arrays['image'].shape[1:]),
+                bytes=int(self.arrays['image'].nbytes), seconds=self.seconds)
+
+
+def _cached_features(config: ml_collections.ConfigDict, model, state: steps.TrainState,
+                     labels: Any, source: sources.Source) -> tuple[Any, FeatureCache]:
+  """Runs the frozen prefix over the training split once; returns the model the train step
+  applies to those features, and the cache."""
+  start = time.perf_counter()
+  stages = get_entry(config.model.name).stages
+  cut = features.cut_stage(stages, freeze.frozen_stage_count(labels, stages),
+                           config.data.augment)
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  dtype = config_lib.compute_dtype(config)
+  if dtype is not None:
+    variables = steps.cast_floats(variables, dtype)
+  examples = pipeline.ordered_train_examples(source, config.data, config.seed)
+  if dtype is not None:
+    examples = ({**b, 'image': b['image'].astype(dtype)} for b in examples)
+  arrays = features.compute(model, variables, examples, cut)
+  cache = FeatureCache(cut, arrays, time.perf_counter() - start)
+  if jax.process_index() == 0:
+    print(f'cached the input of stage {cut!r} for {len(arrays["label"])} examples '
+          f'({arrays["image"].nbytes / 2**20:.1f} MiB) in {cache.seconds:.1f} s', flush=True)
+  image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
+  return features.FromCut(model, cut, image_shape), cache
+
+
 def evaluate(eval_step, state, eval_data: pipeline.EvalBatches) -> dict[str, float]:
   sums: dict[str, float] = {}
   for batch in eval_data:
@@ -146,6 +194,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   """Trains as `config` says in `workdir`, resuming if it holds checkpoints; returns results."""
   wall_start = time.time()
   config = resolve_config(config)
+  dtype, grad_accum_steps = config_lib.compute_dtype(config), _grad_accum_steps(config)
   process_index, process_count = jax.process_index(), jax.process_count()
   is_main = process_index == 0
   os.makedirs(workdir, exist_ok=True)
@@ -176,16 +225,30 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     if is_main:
       print(f'resumed from checkpoint at step {start_step}', flush=True)
 
+  # Mixed precision: the step computes in compute_dtype from float32 parameters.
+  if dtype is not None and hasattr(model, 'dtype'):
+    model = model.clone(dtype=jnp.dtype(dtype))
+  train_model, feature_cache = model, None
+  if config.data.cache_features:
+    train_model, feature_cache = _cached_features(config, model, state, labels, source)
+
   runner = parallel.make_runner(config.parallel)
   state = runner.place_state(state)
+  axis_name = parallel.PMAP_AXIS if runner.name == 'pmap' else None
   train_step = runner.compile_train(steps.make_train_step(
-      model, optimizer, mask, schedule, config.seed, config.optim.label_smoothing,
-      axis_name=parallel.PMAP_AXIS if runner.name == 'pmap' else None))
+      train_model, optimizer, mask, schedule, config.seed, config.optim.label_smoothing,
+      axis_name=axis_name, compute_dtype=dtype,
+      grad_accum_steps=grad_accum_steps))
   eval_step = runner.compile_eval(steps.make_eval_step(
-      model, axis_name=parallel.PMAP_AXIS if runner.name == 'pmap' else None,
-      groupings=grouping_tables(config)))
-  batches = pipeline.train_batches(source, config.data, start_step=start_step, seed=config.seed,
-                                   process_index=process_index, process_count=process_count)
+      model, axis_name=axis_name, groupings=grouping_tables(config), compute_dtype=dtype))
+  if feature_cache is None:
+    batches = pipeline.train_batches(source, config.data, start_step=start_step,
+                                     seed=config.seed, process_index=process_index,
+                                     process_count=process_count)
+  else:
+    batches = pipeline.array_batches(feature_cache.arrays, config.data, start_step=start_step,
+                                     seed=config.seed, process_index=process_index,
+                                     process_count=process_count)
   eval_data = pipeline.EvalBatches(source, config.data, process_index=process_index,
                                    process_count=process_count)
   log = metrics.MetricsLog(workdir, is_main, resume_step=start_step)
@@ -234,7 +297,8 @@ def run(config: ml_collections.ConfigDict, workdir: str,
       train_examples=train_examples,
       trainable_params=trainable, frozen_params=frozen, optimizer_state_leaves=opt_leaves,
       optimizer_state_bytes=opt_bytes, parallel=runner.name, devices=jax.device_count(),
-      processes=process_count)
+      processes=process_count, compute_dtype=config.compute_dtype,
+      feature_cache=None if feature_cache is None else feature_cache.summary())
   if is_main:
     with open(os.path.join(workdir, 'results.json'), 'w') as f:
       json.dump(results, f, indent=2)

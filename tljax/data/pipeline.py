@@ -64,6 +64,28 @@ def _selected_records(source: Source, split: str, config: Mapping[str, Any]
   return records.cache(), int(keep.sum())
 
 
+def _global_stream(records: tf.data.Dataset, total: int, config: Mapping[str, Any], *,
+                   start_step: int, seed: int, process_index: int, process_count: int
+                   ) -> tf.data.Dataset:
+  """(global position, record) pairs of this process, from the example `start_step` implies.
+
+  Every epoch reshuffles with a seed derived from the epoch; the order depends only on the
+  number of records and the seed, so cached features walk the same order as the examples.
+  """
+  global_batch = int(config['batch_size'])
+  local_batch = global_batch // process_count
+  start_epoch, offset = divmod(start_step * global_batch, total)
+  buffer = min(total, int(config.get('shuffle_buffer', 10_000)))
+
+  def epoch(e: tf.Tensor) -> tf.data.Dataset:
+    shuffled = records.shuffle(buffer, seed=seed * 1_000_003 + e, reshuffle_each_iteration=False)
+    # Global position in the stream: it picks the process and keys the augmentation.
+    return shuffled.enumerate().map(lambda pos, r: (e * total + pos, r))
+
+  stream = tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch).skip(offset)
+  return stream.filter(lambda pos, _: (pos % global_batch) // local_batch == process_index)
+
+
 def train_batches(source: Source, config: Mapping[str, Any], *, start_step: int, seed: int,
                   process_index: int = 0, process_count: int = 1
                   ) -> Iterator[dict[str, np.ndarray]]:
@@ -77,11 +99,6 @@ def train_batches(source: Source, config: Mapping[str, Any], *, start_step: int,
   records, total = _selected_records(source, split, config)
   if total == 0:
     raise DataError(f'split {split!r} (data.train_split) has no examples')
-  global_batch = int(config['batch_size'])
-  local_batch = global_batch // process_count
-  start_epoch, offset = divmod(start_step * global_batch, total)
-  buffer = min(total, int(config.get('shuffle_buffer', 10_000)))
-
   if config.get('cache_decoded'):
     # Decode and resize every example once (on every process) and keep the uint8 result.
     records = records.map(preprocess.make_decode_fn(config, source.decode),
@@ -89,17 +106,39 @@ def train_batches(source: Source, config: Mapping[str, Any], *, start_step: int,
     example_fn = preprocess.make_augment_fn(config, seed)
   else:
     example_fn = preprocess.make_train_fn(config, source.decode, seed)
-
-  def epoch(e: tf.Tensor) -> tf.data.Dataset:
-    shuffled = records.shuffle(buffer, seed=seed * 1_000_003 + e, reshuffle_each_iteration=False)
-    # Global position in the stream: it picks the process and keys the augmentation.
-    return shuffled.enumerate().map(lambda pos, r: (e * total + pos, r))
-
-  stream = tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch).skip(offset)
-  stream = stream.filter(lambda pos, _: (pos % global_batch) // local_batch == process_index)
+  stream = _global_stream(records, total, config, start_step=start_step, seed=seed,
+                          process_index=process_index, process_count=process_count)
   stream = stream.map(example_fn, num_parallel_calls=AUTOTUNE, deterministic=True)
-  stream = stream.batch(local_batch, drop_remainder=True).prefetch(AUTOTUNE)
-  yield from stream.as_numpy_iterator()
+  stream = stream.batch(int(config['batch_size']) // process_count, drop_remainder=True)
+  yield from stream.prefetch(AUTOTUNE).as_numpy_iterator()
+
+
+def ordered_train_examples(source: Source, config: Mapping[str, Any], seed: int
+                           ) -> Iterator[dict[str, np.ndarray]]:
+  """The training examples (k per class if asked) once, in record order, preprocessed as
+  `train_batches` preprocesses them: the input of feature caching."""
+  split = config['train_split']
+  records, total = _selected_records(source, split, config)
+  if total == 0:
+    raise DataError(f'split {split!r} (data.train_split) has no examples')
+  example_fn = preprocess.make_train_fn(config, source.decode, seed)
+  examples = records.enumerate().map(example_fn, num_parallel_calls=AUTOTUNE, deterministic=True)
+  yield from examples.batch(int(config['batch_size'])).prefetch(AUTOTUNE).as_numpy_iterator()
+
+
+def array_batches(arrays: Mapping[str, np.ndarray], config: Mapping[str, Any], *,
+                  start_step: int, seed: int, process_index: int = 0, process_count: int = 1
+                  ) -> Iterator[dict[str, np.ndarray]]:
+  """Local batches of in-memory rows (cached features) in the order `train_batches` walks a
+  split of the same size, so a cached run sees each example at the same step."""
+  total = len(arrays['label'])
+  positions = tf.data.Dataset.range(total)
+  stream = _global_stream(positions, total, config, start_step=start_step, seed=seed,
+                          process_index=process_index, process_count=process_count)
+  stream = stream.map(lambda _, index: index)
+  stream = stream.batch(int(config['batch_size']) // process_count, drop_remainder=True)
+  for indices in stream.prefetch(AUTOTUNE).as_numpy_iterator():
+    yield {k: v[indices] for k, v in arrays.items()}
 
 
 class EvalBatches:

@@ -1,0 +1,151 @@
+"""Shared benchmark pieces: a tljax train step built as `tljax.train` builds it, and timing."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from tljax import freeze, optim, steps, train
+
+
+@dataclasses.dataclass
+class JaxSetup:
+  """A compiled tljax train step for one model and freeze depth, with its state and a batch."""
+  config: ml_collections.ConfigDict
+  state: steps.TrainState
+  batch: dict[str, jax.Array]
+  compiled: Any
+  compile_s: float
+  trainable_params: int
+  opt_state_bytes: int
+  opt_state_param_bytes: int  # the parameter-shaped leaves (momenta), without scalar counters
+
+
+def make_config(model: str, frozen_stages: int, image_size: int, batch_size: int,
+                num_classes: int = 10, **overrides: Any) -> ml_collections.ConfigDict:
+  """The resolved config of a run that freezes the first `frozen_stages` STAGES of `model`."""
+  config = ml_collections.ConfigDict(dict(
+      model=dict(name=model, num_classes=num_classes),
+      data=dict(image_size=image_size, batch_size=batch_size),
+      freeze=dict(preset=f'stages:{frozen_stages}'),
+      optim=dict(name='sgd', lr=0.01, momentum=0.9, weight_decay=1e-4)))
+  for key, value in overrides.items():
+    section, _, leaf = key.rpartition('.')
+    node = config
+    for part in filter(None, section.split('.')):
+      node = node[part]
+    node[leaf] = value
+  return train.resolve_config(config)
+
+
+def random_batch(batch_size: int, image_size: int, num_classes: int = 10, seed: int = 0
+                 ) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(seed)
+  return dict(image=rng.normal(size=(batch_size, image_size, image_size, 3)).astype(np.float32),
+              label=rng.integers(0, num_classes, batch_size).astype(np.int32))
+
+
+def build_step(config: ml_collections.ConfigDict, make_step: Callable = steps.make_train_step
+               ) -> JaxSetup:
+  """Model, state and the jitted (donating) train step of `config`, compiled and timed."""
+  model, params, batch_stats, groups, labels = train.create_train_state(config)
+  mask = freeze.trainable_mask(labels)
+  optimizer, schedule = optim.make_optimizer(config.optim, groups, labels, 1000)
+  state = steps.TrainState(jnp.asarray(0, jnp.int32), params, batch_stats,
+                           optimizer.init(params))
+  step = jax.jit(make_step(model, optimizer, mask, schedule, config.seed),
+                 donate_argnums=0)
+  batch = jax.tree.map(jnp.asarray, random_batch(config.data.batch_size, config.data.image_size,
+                                                 config.model.num_classes))
+  start = time.perf_counter()
+  compiled = step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - start
+  trainable = sum(int(np.size(p)) for p, m in zip(jax.tree.leaves(params),
+                                                  jax.tree.leaves(mask), strict=True) if m)
+  param_shaped = sum(x.nbytes for x in jax.tree.leaves(state.opt_state) if np.ndim(x))
+  return JaxSetup(config, state, batch, compiled, compile_s, trainable,
+                  optim.state_leaf_stats(state.opt_state)[1], int(param_shaped))
+
+
+def time_calls(call: Callable[[], Any], steps_timed: int, warmup: int) -> list[float]:
+  """Seconds per call (each waits for its result) after `warmup` untimed calls."""
+  for _ in range(warmup):
+    call()
+  times = []
+  for _ in range(steps_timed):
+    start = time.perf_counter()
+    call()
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def time_jax_steps(setup: JaxSetup, steps_timed: int, warmup: int) -> list[float]:
+  state = setup.state
+
+  def one():
+    nonlocal state
+    state, metrics = setup.compiled(state, setup.batch)
+    jax.block_until_ready(metrics)
+
+  times = time_calls(one, steps_timed, warmup)
+  setup.state = state
+  return times
+
+
+def flops(compiled: Any) -> float | None:
+  """XLA's cost-analysis FLOPs of a compiled computation (None where the backend has none)."""
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, list):  # older jax returned one dict per device
+    analysis = analysis[0] if analysis else None
+  return float(analysis['flops']) if analysis and 'flops' in analysis else None
+
+
+def peak_memory_bytes(compiled: Any) -> tuple[int | None, str]:
+  """(bytes, how measured): the device allocator's peak where it reports one (GPU, TPU),
+  otherwise XLA's buffer assignment for the step (arguments + outputs + temporaries - aliased)."""
+  stats = jax.devices()[0].memory_stats()
+  if stats and 'peak_bytes_in_use' in stats:
+    return int(stats['peak_bytes_in_use']), 'allocator peak'
+  analysis = compiled.memory_analysis()
+  if analysis is None:
+    return None, 'n/a'
+  total = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+           + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)
+  return int(total), 'XLA buffers'
+
+
+def machine() -> dict[str, Any]:
+  """What the figures were measured on."""
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open('/proc/cpuinfo') as f:
+      names = [line.split(':', 1)[1].strip() for line in f if line.startswith('model name')]
+    cpu = names[0] if names else cpu
+  except OSError:
+    pass
+  device = jax.devices()[0]
+  return dict(backend=jax.default_backend(), device=device.device_kind, cpu=cpu,
+              cpu_count=os.cpu_count(), jax=jax.__version__)
+
+
+def median(values: list[float]) -> float:
+  return statistics.median(values)
+
+
+def write_json(path: str, payload: Any) -> None:
+  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+  tmp = f'{path}.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(payload, f, indent=2)
+  os.replace(tmp, path)
