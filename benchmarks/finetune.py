@@ -128,19 +128,18 @@ def main() -> None:
   args = parser.parse_args()
   torch.set_num_threads(os.cpu_count() or 1)
   started = time.time()
-  rows, clipping = [], []
+  payload = dict(machine=common.machine(), torch=torch.__version__,
+                 torch_threads=torch.get_num_threads(), batch=args.batch, image_size=args.size,
+                 steps=args.steps, warmup=args.warmup, rows=[], clipping=[], complete=False)
   for name in args.models.split(','):
     depths = [int(k) for k in args.depths.split(',')] if args.depths else DEPTHS[name]
     for frozen in depths:
-      rows.append(depth_row(name, frozen, args))
-      print(rows[-1], flush=True)
-    clipping.append(clipping_row(name, args))
-    print(clipping[-1], flush=True)
-  payload = dict(machine=common.machine(), torch=torch.__version__,
-                 torch_threads=torch.get_num_threads(), batch=args.batch, image_size=args.size,
-                 steps=args.steps, warmup=args.warmup, rows=rows, clipping=clipping,
-                 wall_s=time.time() - started)
-  common.write_json(args.out, payload)
+      payload['rows'].append(depth_row(name, frozen, args))
+      print(payload['rows'][-1], flush=True)
+      common.write_json(args.out, dict(payload, wall_s=time.time() - started))  # so far
+    payload['clipping'].append(clipping_row(name, args))
+    print(payload['clipping'][-1], flush=True)
+  common.write_json(args.out, dict(payload, wall_s=time.time() - started, complete=True))
   print(f'wrote {args.out}')
 
 

@@ -94,7 +94,8 @@ def vit_s16(num_classes: int, image_size: int) -> list[nn.Module]:
                      num_attention_heads=6, intermediate_size=1536, num_labels=num_classes,
                      layer_norm_eps=1e-6, attn_implementation='sdpa')
   model = ViTForImageClassification(config)
-  blocks = [_ViTBlock(layer) for layer in model.vit.encoder.layer]
+  layers = model.vit.layers if hasattr(model.vit, 'layers') else model.vit.encoder.layer
+  blocks = [_ViTBlock(layer) for layer in layers]
   head = nn.Sequential(_Lambda(lambda x: x[:, 0]), model.classifier)
   return [model.vit.embeddings, *blocks, model.vit.layernorm, head]
 

@@ -8,7 +8,7 @@ import pytest
 
 from tljax.freeze import flat_paths
 from tljax.models import MODELS, build_model
-from tljax.models.layers import DepthwiseConv
+from tljax.models.layers import DepthwiseConv, PointwiseConv
 
 
 def _param_shapes(name, size=64, **kwargs):
@@ -65,6 +65,27 @@ def test_depthwise_matches_flax_conv_with_feature_groups():
                 use_bias=False)
   out_ref = ref.apply({'params': {'kernel': params['params']['kernel']}}, x)
   np.testing.assert_allclose(ours.apply(params, x), out_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('stride,padding', [(1, 'pytorch'), (2, 'pytorch'), (2, 'SAME')])
+def test_pointwise_conv_equals_flax_1x1_conv_forward_and_backward(stride, padding):
+  """The matrix-product 1x1 conv against nn.Conv on the same kernel, odd sizes included."""
+  x = jax.random.normal(jax.random.key(7), (2, 7, 10, 5))
+  ours = PointwiseConv(6, stride)
+  params = ours.init(jax.random.key(8), x)
+  assert params['params']['kernel'].shape == (1, 1, 5, 6)
+  ref = nn.Conv(6, (1, 1), (stride, stride), use_bias=False,
+                padding='SAME' if padding == 'SAME' else ((0, 0), (0, 0)))
+
+  def loss(module):
+    return lambda p, x: jnp.sum(jnp.sin(module.apply(p, x)))
+  out, out_ref = ours.apply(params, x), ref.apply(params, x)
+  assert out.shape == out_ref.shape
+  np.testing.assert_allclose(out, out_ref, rtol=1e-5, atol=1e-5)
+  grads = jax.grad(loss(ours), argnums=(0, 1))(params, x)
+  grads_ref = jax.grad(loss(ref), argnums=(0, 1))(params, x)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_mobilenet_v2_agrees_across_depthwise_impls():

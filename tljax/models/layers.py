@@ -90,12 +90,37 @@ class DepthwiseConv(nn.Module):
         dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=channels)
 
 
+_CONV_INIT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+
+
+class PointwiseConv(nn.Module):
+  """A bias-free 1x1 convolution computed as a matrix product over the channel axis.
+
+  Same parameters as `nn.Conv(features, (1, 1))` (kernel (1, 1, in, out)), so pretrained weights
+  load unchanged. XLA:CPU runs this forward and backward 2-4x faster than its 1x1 convolution
+  (benchmarks/README.md); on accelerators both lower to the same matmul.
+  """
+  features: int
+  stride: int = 1
+  kernel_init: nn.initializers.Initializer = _CONV_INIT
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param('kernel', self.kernel_init, (1, 1, x.shape[-1], self.features),
+                        jnp.float32)
+    if self.stride > 1:  # a strided 1x1 conv reads every stride-th pixel ('SAME' pads nothing)
+      x = x[:, ::self.stride, ::self.stride]
+    return jnp.einsum('nhwc,cd->nhwd', x, kernel[0, 0].astype(x.dtype))
+
+
 def conv(features: int, kernel: int, stride: int = 1, name: str | None = None,
-         same: bool = False) -> nn.Conv:
+         same: bool = False) -> nn.Module:
   """A bias-free conv with PyTorch-style symmetric padding, so torchvision weights fit;
-  `same=True` pads like TensorFlow's 'SAME' (more at the end) for weights trained there."""
+  `same=True` pads like TensorFlow's 'SAME' (more at the end) for weights trained there.
+  1x1 convolutions are matrix products (`PointwiseConv`)."""
+  if kernel == 1:
+    return PointwiseConv(features, stride, name=name)
   pad = (kernel - 1) // 2
   padding = 'SAME' if same else ((pad, pad), (pad, pad))
   return nn.Conv(features, (kernel, kernel), (stride, stride), padding=padding,
-                 use_bias=False, kernel_init=nn.initializers.variance_scaling(
-                     2.0, 'fan_out', 'normal'), name=name)
+                 use_bias=False, kernel_init=_CONV_INIT, name=name)
