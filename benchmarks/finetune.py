@@ -38,18 +38,20 @@ def torch_step_times(name: str, frozen: int, batch: dict[str, np.ndarray], num_c
   """Median-ready step times of the same fine-tuning step in PyTorch (SGD, momentum, wd)."""
   torch.manual_seed(0)
   image_size = batch['image'].shape[1]
-  model = torch_models.Staged(torch_models.build(name, num_classes, image_size), frozen).train()
+  device = 'cuda' if torch.cuda.is_available() else 'cpu'  # where jax has a GPU, so may torch
+  model = torch_models.Staged(torch_models.build(name, num_classes, image_size), frozen)
+  model = model.to(device).train()
   trainable = [p for p in model.parameters() if p.requires_grad]
   optimizer = torch.optim.SGD(trainable, lr=0.01, momentum=0.9, weight_decay=1e-4)
-  images = torch.from_numpy(batch['image']).permute(0, 3, 1, 2).contiguous()
-  labels = torch.from_numpy(batch['label']).long()
+  images = torch.from_numpy(batch['image']).permute(0, 3, 1, 2).contiguous().to(device)
+  labels = torch.from_numpy(batch['label']).long().to(device)
 
   def one():
     optimizer.zero_grad(set_to_none=True)
     loss = torch.nn.functional.cross_entropy(model(images), labels)
     loss.backward()
     optimizer.step()
-    return loss.item()
+    return loss.item()  # waits for the step, on any device
 
   return common.time_calls(one, steps_timed, warmup)
 
@@ -94,7 +96,8 @@ def depth_row(name: str, frozen: int, args: argparse.Namespace) -> dict[str, Any
       trainable_params=setup.trainable_params, optimizer_state_bytes=setup.opt_state_bytes,
       optimizer_state_bytes_per_trainable_param=(
           setup.opt_state_param_bytes / setup.trainable_params),
-      compile_s=setup.compile_s, step_s=jax_step, images_per_s=args.batch / jax_step,
+      compile_s=setup.compile_s, lower_s=setup.lower_s, step_s=jax_step,
+      images_per_s=args.batch / jax_step,
       flops_per_step=step_flops,
       achieved_gflops=step_flops / jax_step / 1e9 if step_flops else None,
       peak_memory_bytes=peak, peak_memory_kind=peak_kind,

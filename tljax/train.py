@@ -154,15 +154,15 @@ class FeatureCache:
 
 
 def _cached_features(config: ml_collections.ConfigDict, model, state: steps.TrainState,
-                     labels: Any, source: sources.Source) -> tuple[Any, FeatureCache]:
-  """Runs the frozen prefix over the training split once; returns the model the train step
-  applies to those features, and the cache."""
+                     labels: Any, source: sources.Source, dtype: str | None
+                     ) -> tuple[Any, FeatureCache]:
+  """Runs the frozen prefix over the training split once (in the compute dtype); returns the
+  model the train step applies to those features, and the cache."""
   start = time.perf_counter()
   stages = get_entry(config.model.name).stages
   cut = features.cut_stage(stages, freeze.frozen_stage_count(labels, stages),
                            config.data.augment)
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  dtype = config_lib.compute_dtype(config)
   if dtype is not None:
     variables = steps.cast_floats(variables, dtype)
   examples = pipeline.ordered_train_examples(source, config.data, config.seed)
@@ -230,7 +230,8 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     model = model.clone(dtype=jnp.dtype(dtype))
   train_model, feature_cache = model, None
   if config.data.cache_features:
-    train_model, feature_cache = _cached_features(config, model, state, labels, source)
+    train_model, feature_cache = _cached_features(config, model, state, labels, source,
+                                                  dtype)
 
   runner = parallel.make_runner(config.parallel)
   state = runner.place_state(state)
