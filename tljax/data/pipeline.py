@@ -48,20 +48,25 @@ def train_size(source: Source, config: Mapping[str, Any]) -> int:
   return source.num_examples(config['train_split']) if chosen is None else len(chosen)
 
 
-def _selected_records(source: Source, split: str, config: Mapping[str, Any]
-                      ) -> tuple[tf.data.Dataset, int]:
-  """The split's records (k per class if asked) and how many there are."""
+def _train_records(source: Source, config: Mapping[str, Any]) -> tuple[tf.data.Dataset, int]:
+  """The training split's records (k per class if asked) and how many; an empty split is an
+  error naming it."""
+  split = config['train_split']
   records = source.records(split)
   chosen = _selection(source, split, config)
   if chosen is None:
-    return records, source.num_examples(split)
-  keep = np.zeros(source.num_examples(split), bool)
-  keep[chosen] = True
-  keep_table = tf.constant(keep)
-  records = records.enumerate().filter(lambda i, _: keep_table[i]).map(lambda _, r: r)
-  # A k-shot subset is small: keep its undecoded records in memory instead of rescanning the
-  # whole split every epoch.
-  return records.cache(), int(keep.sum())
+    total = source.num_examples(split)
+  else:
+    keep = np.zeros(source.num_examples(split), bool)
+    keep[chosen] = True
+    keep_table = tf.constant(keep)
+    records = records.enumerate().filter(lambda i, _: keep_table[i]).map(lambda _, r: r)
+    # A k-shot subset is small: keep its undecoded records in memory instead of rescanning the
+    # whole split every epoch.
+    records, total = records.cache(), int(keep.sum())
+  if total == 0:
+    raise DataError(f'split {split!r} (data.train_split) has no examples')
+  return records, total
 
 
 def _global_stream(records: tf.data.Dataset, total: int, config: Mapping[str, Any], *,
@@ -95,10 +100,7 @@ def train_batches(source: Source, config: Mapping[str, Any], *, start_step: int,
   or array rows) and decodes only its slice of each global batch, so the global batch at each
   step is the same whatever the number of processes.
   """
-  split = config['train_split']
-  records, total = _selected_records(source, split, config)
-  if total == 0:
-    raise DataError(f'split {split!r} (data.train_split) has no examples')
+  records, total = _train_records(source, config)
   if config.get('cache_decoded'):
     # Decode and resize every example once (on every process) and keep the uint8 result.
     records = records.map(preprocess.make_decode_fn(config, source.decode),
@@ -117,10 +119,7 @@ def ordered_train_examples(source: Source, config: Mapping[str, Any], seed: int
                            ) -> Iterator[dict[str, np.ndarray]]:
   """The training examples (k per class if asked) once, in record order, preprocessed as
   `train_batches` preprocesses them: the input of feature caching."""
-  split = config['train_split']
-  records, total = _selected_records(source, split, config)
-  if total == 0:
-    raise DataError(f'split {split!r} (data.train_split) has no examples')
+  records, total = _train_records(source, config)
   example_fn = preprocess.make_train_fn(config, source.decode, seed)
   examples = records.enumerate().map(example_fn, num_parallel_calls=AUTOTUNE, deterministic=True)
   yield from examples.batch(int(config['batch_size'])).prefetch(AUTOTUNE).as_numpy_iterator()
