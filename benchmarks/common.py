@@ -8,7 +8,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from tljax import config as config_lib
 from tljax import freeze, optim, steps, train
 
 
@@ -33,20 +34,17 @@ class JaxSetup:
   opt_state_param_bytes: int  # the parameter-shaped leaves (momenta), without scalar counters
 
 
-def make_config(model: str, frozen_stages: int, image_size: int, batch_size: int,
-                num_classes: int = 10, **overrides: Any) -> ml_collections.ConfigDict:
-  """The resolved config of a run that freezes the first `frozen_stages` STAGES of `model`."""
-  config = ml_collections.ConfigDict(dict(
+def make_config(model: str, preset: str, image_size: int, batch_size: int,
+                num_classes: int = 10, overrides: Mapping[str, Any] | None = None
+                ) -> ml_collections.ConfigDict:
+  """The resolved config of a `model` run frozen as `preset` says, with dotted-key overrides."""
+  config = config_lib.resolve(ml_collections.ConfigDict(dict(
       model=dict(name=model, num_classes=num_classes),
       data=dict(image_size=image_size, batch_size=batch_size),
-      freeze=dict(preset=f'stages:{frozen_stages}'),
-      optim=dict(name='sgd', lr=0.01, momentum=0.9, weight_decay=1e-4)))
-  for key, value in overrides.items():
-    section, _, leaf = key.rpartition('.')
-    node = config
-    for part in filter(None, section.split('.')):
-      node = node[part]
-    node[leaf] = value
+      freeze=dict(preset=preset),
+      optim=dict(name='sgd', lr=0.01, momentum=0.9, weight_decay=1e-4))))
+  for key, value in (overrides or {}).items():
+    config_lib.set_override(config, key, value)
   return train.resolve_config(config)
 
 

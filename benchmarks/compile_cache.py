@@ -27,7 +27,8 @@ import json, sys
 from benchmarks import common
 from tljax import parallel
 parallel.enable_compilation_cache()
-setup = common.build_step(common.make_config(sys.argv[1], 0, int(sys.argv[2]), int(sys.argv[3])))
+setup = common.build_step(common.make_config(sys.argv[1], 'full', int(sys.argv[2]),
+                                             int(sys.argv[3])))
 print(json.dumps(dict(compile_s=setup.compile_s, lower_s=setup.lower_s)))
 '''
 

@@ -21,15 +21,13 @@ from benchmarks import common
 from tljax import train
 
 
-def run(model: str, preset: str, args: argparse.Namespace, epochs: float, **extra) -> dict:
-  config = common.make_config(model, 0, args.size, args.batch, num_classes=4, **extra)
-  with config.unlocked():
-    config.freeze.preset = preset
-    config.optim.groups = [('.*', {})]
-    config.init.pretrained = None  # speed does not depend on the weights' values
-    config.data.update(source='elpv', augment=False, cache_decoded=True)
-    config.total_epochs, config.log_every, config.eval_every = epochs, 5, 0
-    config.checkpoint_every = 10**9
+def run(model: str, preset: str, args: argparse.Namespace, epochs: float,
+        extra: dict | None = None) -> dict:
+  config = common.make_config(model, preset, args.size, args.batch, num_classes=4, overrides={
+      'init.pretrained': None,  # speed does not depend on the weights' values
+      'data.source': 'elpv', 'data.augment': False, 'data.cache_decoded': True,
+      'total_epochs': float(epochs), 'log_every': 5, 'eval_every': 0,
+      'checkpoint_every': 10**9, **(extra or {})})
   with tempfile.TemporaryDirectory() as workdir:
     started = time.perf_counter()
     results = train.run(config, workdir)
@@ -48,7 +46,7 @@ def main() -> None:
   args = parser.parse_args()
   full = run(args.model, 'full', args, epochs=1)
   probe = run(args.model, 'linear_probe', args, epochs=10,
-              **{'data.cache_features': True, 'model.dropout': 0.0})
+              extra={'data.cache_features': True, 'model.dropout': 0.0})
   keep = ('epoch_s', 'median_step_time_s', 'run_s', 'train_examples', 'trainable_params',
           'feature_cache')
   payload = dict(

@@ -79,7 +79,7 @@ def make_plain_train_step(model, optimizer, mask, schedule, seed):
 
 
 def depth_row(name: str, frozen: int, args: argparse.Namespace) -> dict[str, Any]:
-  config = common.make_config(name, frozen, args.size, args.batch)
+  config = common.make_config(name, f'stages:{frozen}', args.size, args.batch)
   setup = common.build_step(config)
   jax_times = common.time_jax_steps(setup, args.steps, args.warmup)
   host_batch = common.random_batch(args.batch, args.size)
@@ -108,7 +108,8 @@ def depth_row(name: str, frozen: int, args: argparse.Namespace) -> dict[str, Any
 def clipping_row(name: str, args: argparse.Namespace) -> dict[str, Any]:
   """tljax's step against the plain one, both with global-norm clipping, at a middle depth."""
   frozen = DEPTHS[name][len(DEPTHS[name]) // 2]
-  config = common.make_config(name, frozen, args.size, args.batch, **{'optim.clip_norm': 1.0})
+  config = common.make_config(name, f'stages:{frozen}', args.size, args.batch,
+                              overrides={'optim.clip_norm': 1.0})
   row: dict[str, Any] = dict(model=name, frozen_stages=frozen)
   for label, make_step in (('tljax', steps.make_train_step), ('plain', make_plain_train_step)):
     setup = common.build_step(config, make_step)

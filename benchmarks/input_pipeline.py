@@ -19,9 +19,8 @@ from tljax.data import pipeline, sources
 
 
 def images_per_s(source: sources.Source, args: argparse.Namespace, cache_decoded: bool) -> float:
-  config = common.make_config('mobilenet_v2', 0, args.size, args.batch).data
-  with config.unlocked():
-    config.update(source='elpv', augment=True, cache_decoded=cache_decoded)
+  config = common.make_config('mobilenet_v2', 'full', args.size, args.batch, overrides={
+      'data.source': 'elpv', 'data.augment': True, 'data.cache_decoded': cache_decoded}).data
   batches = pipeline.train_batches(source, config, start_step=0, seed=0)
   # Warm-up: one full epoch, so the decoded cache (when on) is filled as in a long run.
   for _ in range(-(-pipeline.train_size(source, config) // args.batch) + 2):

@@ -25,12 +25,12 @@ import numpy as np
 import torch
 
 from benchmarks import common
+from tljax import train
 from tljax.models.layers import DepthwiseConv, PointwiseConv
 
 
 def record_layers(config) -> list[dict[str, Any]]:
   """Each conv / dense call of one training forward pass: kind and shapes."""
-  from tljax import train
   model, params, batch_stats, _, _ = train.create_train_state(config)
   calls: list[dict[str, Any]] = []
 
@@ -113,7 +113,7 @@ def _torch_layer(call: dict[str, Any]):
 
 
 def profile(name: str, args: argparse.Namespace) -> dict[str, Any]:
-  config = common.make_config(name, 0, args.size, args.batch)
+  config = common.make_config(name, 'full', args.size, args.batch)
   calls = record_layers(config)
   distinct = collections.Counter(json.dumps(c, sort_keys=True) for c in calls)
   by_kind: dict[str, dict[str, float]] = collections.defaultdict(
