@@ -41,6 +41,8 @@ def base_config() -> ml_collections.ConfigDict:
       batch_size=32, eval_batch_size=placeholder(int),
       examples_per_class=placeholder(int), subset_seed=0, shuffle_buffer=10_000,
       cache_decoded=False,  # keep decoded, resized uint8 images in memory after first use
+      # Image folders: leave out (and count) files that cannot be decoded instead of failing.
+      skip_corrupt_images=False,
       # Compute the frozen leading stages once per example and train on their outputs; needs
       # augment=False and a frozen prefix (tljax.features).
       cache_features=False,

@@ -38,12 +38,22 @@ class MetricsLog:
     self.writer.close()
 
 
+def _logged_step(line: str) -> int | None:
+  """The step of a complete metrics line; None for a line cut short by a killed process."""
+  try:
+    return json.loads(line)['step']
+  except (ValueError, KeyError, TypeError):
+    return None
+
+
 def _drop_after(path: str, step: int) -> None:
-  """On resume, forget lines logged after the restored checkpoint (they will be redone)."""
+  """On resume, forget lines logged after the restored checkpoint (they will be redone), and
+  a last line a killed process left unfinished."""
   if not os.path.exists(path):
     return
   with open(path) as f:
-    lines = [line for line in f if line.strip() and json.loads(line)['step'] <= step]
+    steps = [(line, _logged_step(line)) for line in f if line.endswith('\n')]
+  lines = [line for line, logged in steps if logged is not None and logged <= step]
   tmp = path + '.tmp'
   with open(tmp, 'w') as f:
     f.writelines(lines)

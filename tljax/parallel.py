@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -30,6 +31,12 @@ def initialize_distributed(coordinator_address: str | None = None,
                                   num_processes=num_processes,
                                   process_id=process_id).items() if v is not None}
   jax.distributed.initialize(**kwargs)
+
+
+def sync_processes(name: str) -> None:
+  """Waits until every process gets here (a no-op with one process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
 
 
 COMPILATION_CACHE_ENV = 'TLJAX_COMPILATION_CACHE'  # a directory, or '' to turn the cache off

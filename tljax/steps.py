@@ -48,6 +48,12 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
   return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
 
 
+def nonfinite_flags(loss: jax.Array, tree: Any) -> jax.Array:
+  """[loss is not finite, leaf 0 of `tree` holds a NaN or Inf, leaf 1 ...] as one bool vector."""
+  leaves = [~jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+  return jnp.stack([~jnp.isfinite(loss), *leaves])
+
+
 def cast_floats(tree: Any, dtype: Any) -> Any:
   """Floating-point leaves cast to `dtype` (the compute copy of float32 parameters)."""
   return jax.tree.map(
@@ -70,6 +76,9 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, m
                     axis_name: str | None = None, compute_dtype: Any = None,
                     grad_accum_steps: int = 1) -> Callable:
   """Returns train_step(state, batch) -> (state, metrics).
+
+  `metrics['nonfinite']` flags a non-finite loss and each trainable gradient leaf
+  (tljax.numerics names them).
 
   `mask` is the static boolean pytree of trainable leaves. Under pmap, `axis_name` names the
   device axis over which gradients and metrics are averaged. `compute_dtype` (e.g. bfloat16)
@@ -124,7 +133,7 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, m
                           mask, state.params, updates)
     grad_norm = optax.tree.norm(grads)
     metrics = dict(loss=loss, accuracy=accuracy, grad_norm=grad_norm,
-                   lr=schedule(state.step))
+                   lr=schedule(state.step), nonfinite=nonfinite_flags(loss, grads))
     return TrainState(state.step + 1, params, batch_stats, opt_state), metrics
 
   return train_step

@@ -2,15 +2,15 @@
 
   python -m tljax.train --config=configs/FILE.py[:ARG] --workdir=DIR [--config.a.b=value ...]
 
-The same command resumes from the latest checkpoint in DIR.
+The same command resumes from the latest checkpoint in DIR. Exit status: 0 done, 2 bad input
+(one `error:` line naming the key, path or file), 75 preempted by SIGTERM after saving a
+checkpoint (run the same command again).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import signal
 import statistics
 import sys
 import time
@@ -23,16 +23,25 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from tljax import checkpoint, features, freeze, metrics, optim, parallel, steps
+from tljax import (
+  checkpoint,
+  features,
+  freeze,
+  metrics,
+  numerics,
+  optim,
+  parallel,
+  preemption,
+  steps,
+)
 from tljax import config as config_lib
+from tljax import workdir as workdir_lib
 from tljax.data import pipeline, sources
 from tljax.errors import UserError
 from tljax.models import build_model, get_entry, init_variables
 from tljax.models.layers import NormSpec
 from tljax.weights import load as weights_load
 from tljax.weights import zoo
-
-FAULT_ENV = 'TLJAX_FAULT_KILL_AT_STEP'  # fault injection for tests: SIGKILL after this step
 
 
 def _with_zoo_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -190,24 +199,43 @@ def evaluate(eval_step, state, eval_data: pipeline.EvalBatches) -> dict[str, flo
 
 
 def run(config: ml_collections.ConfigDict, workdir: str,
-        source: sources.Source | None = None) -> dict[str, Any]:
-  """Trains as `config` says in `workdir`, resuming if it holds checkpoints; returns results."""
+        source: sources.Source | None = None, fresh: bool = False) -> dict[str, Any]:
+  """Trains as `config` says in `workdir`, resuming if it holds checkpoints; returns results.
+
+  Everything that can be wrong with the config, data, workdir or weights is checked before the
+  first file is written. `fresh` moves an earlier run's files aside instead of resuming them.
+  Raises preemption.Preempted after saving a checkpoint when SIGTERM arrives.
+  """
   wall_start = time.time()
   config = resolve_config(config)
   dtype, grad_accum_steps = config_lib.compute_dtype(config), _grad_accum_steps(config)
   process_index, process_count = jax.process_index(), jax.process_count()
   is_main = process_index == 0
-  os.makedirs(workdir, exist_ok=True)
-  if is_main:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
 
-  # Build: data, model, freeze labels, optimizer, state.
-  source = source or sources.make_source(config.data)
+  # Check: config, data, workdir, weights; nothing is written until all of them pass.
   parallel.check_batch_size(config.data.batch_size)
-  train_examples = pipeline.train_size(source, config.data)
+  source = source or sources.make_source(config.data)
+  train_examples = pipeline.check_splits(source, config.data, config.model.num_classes)
   total_steps = config_lib.total_steps(config, train_examples)
+  config_json = config.to_json_best_effort(indent=2)
+  workdir_lib.check_writable(workdir)
+  if not fresh and checkpoint.has_checkpoints(workdir):
+    workdir_lib.check_resumable(workdir, config_json)
   model, params, batch_stats, groups, labels = create_train_state(config)
+
+  # Build: optimizer, state; report what is frozen and what was skipped.
+  if fresh:
+    moved = workdir_lib.move_aside(workdir) if is_main else None
+    parallel.sync_processes('tljax_fresh')
+    if moved:
+      print(f'--fresh: moved the earlier run to {moved}', flush=True)
+  if is_main:
+    workdir_lib.write_json(os.path.join(workdir, workdir_lib.CONFIG_FILE), config_json)
+  skipped = source.skipped_files()
+  if is_main and skipped:
+    for split, files in skipped.items():
+      print(f'skipped {len(files)} unreadable image file(s) of split {split!r}: '
+            f'{", ".join(files)}', flush=True)
   rows = freeze.summary_rows(params, groups, config.optim.lr)
   if is_main:
     print(freeze.format_table(rows), flush=True)
@@ -215,6 +243,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   optimizer, schedule = optim.make_optimizer(config.optim, groups, labels, total_steps)
   state = steps.TrainState(jnp.asarray(0, jnp.int32), params, batch_stats,
                            optimizer.init(params))
+  step_check = numerics.StepCheck(numerics.leaf_paths(steps.split_trainable(params, mask)[0]))
 
   # Restore: the latest complete checkpoint, if any.
   ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
@@ -254,37 +283,46 @@ def run(config: ml_collections.ConfigDict, workdir: str,
                                    process_count=process_count)
   log = metrics.MetricsLog(workdir, is_main, resume_step=start_step)
   progress = metrics.Progress(total_steps, start_step)
-  fault_step = int(os.environ.get(FAULT_ENV, '0'))
 
-  # Step, eval, save.
+  # Step, eval, save; stop after the current step when preempted.
   step_times, eval_metrics = [], {}
   last_log_time, last_log_step = time.perf_counter(), start_step
-  for step in range(start_step + 1, total_steps + 1):
-    state, train_metrics = train_step(state, next(batches))
-    last = step == total_steps
-    if step % config.log_every == 0 or last:
-      values = runner.metrics_to_host(train_metrics)  # waits for the step
-      now = time.perf_counter()
-      step_times.append((now - last_log_time) / (step - last_log_step))
-      last_log_time, last_log_step = now, step
-      log.write(step, 'train', values)
-      progress.update(step, dict(loss=values['loss'], lr=values['lr']))
-    if (config.eval_every and step % config.eval_every == 0) or last:
+  try:
+    with preemption.PreemptionWatch() as preempt:
+      for step in range(start_step + 1, total_steps + 1):
+        state, train_metrics = train_step(state, next(batches))
+        step_check.push(step, train_metrics.pop('nonfinite'))  # checks the step before
+        last = step == total_steps
+        if step % config.log_every == 0 or last:
+          step_check.flush()  # non-finite values never reach the logs
+          values = runner.metrics_to_host(train_metrics)  # waits for the step
+          now = time.perf_counter()
+          step_times.append((now - last_log_time) / (step - last_log_step))
+          last_log_time, last_log_step = now, step
+          log.write(step, 'train', values)
+          progress.update(step, dict(loss=values['loss'], lr=values['lr']))
+        if (config.eval_every and step % config.eval_every == 0) or last:
+          eval_metrics = evaluate(eval_step, state, eval_data)
+          log.write(step, 'eval', eval_metrics)
+          if is_main:
+            print(f'step {step} eval ' + ' '.join(f'{k}={v:.4g}'
+                                                 for k, v in eval_metrics.items()), flush=True)
+          last_log_time = time.perf_counter()  # keep eval out of the step times
+        preempted = preempt.reached(step)
+        if step % config.checkpoint_every == 0 or last or preempted:
+          step_check.flush()
+          host_state = runner.host_state(state)
+          numerics.check_state(host_state, step)
+          ckpt.save(step, host_state)
+        if preempted:
+          ckpt.wait()
+          raise preemption.Preempted(step, ckpt.directory)
+      step_check.flush()
+    if not eval_metrics:  # resumed at the final step: evaluate what was restored
       eval_metrics = evaluate(eval_step, state, eval_data)
-      log.write(step, 'eval', eval_metrics)
-      if is_main:
-        print(f'step {step} eval ' + ' '.join(f'{k}={v:.4g}' for k, v in eval_metrics.items()),
-              flush=True)
-      last_log_time = time.perf_counter()  # keep eval out of the step times
-    if step % config.checkpoint_every == 0 or last:
-      ckpt.save(step, runner.host_state(state))
-    if step == fault_step:
-      ckpt.close()
-      os.kill(os.getpid(), signal.SIGKILL)
-  if not eval_metrics:  # resumed at the final step: evaluate what was restored
-    eval_metrics = evaluate(eval_step, state, eval_data)
-  ckpt.close()
-  log.close()
+  finally:
+    ckpt.close()
+    log.close()
 
   trainable = sum(r['params'] for r in rows if r['status'] == 'trainable')
   frozen = sum(r['params'] for r in rows if r['status'] == 'frozen')
@@ -299,10 +337,10 @@ def run(config: ml_collections.ConfigDict, workdir: str,
       trainable_params=trainable, frozen_params=frozen, optimizer_state_leaves=opt_leaves,
       optimizer_state_bytes=opt_bytes, parallel=runner.name, devices=jax.device_count(),
       processes=process_count, compute_dtype=config.compute_dtype,
-      feature_cache=None if feature_cache is None else feature_cache.summary())
+      feature_cache=None if feature_cache is None else feature_cache.summary(),
+      skipped_images={split: len(files) for split, files in skipped.items()})
   if is_main:
-    with open(os.path.join(workdir, 'results.json'), 'w') as f:
-      json.dump(results, f, indent=2)
+    workdir_lib.write_json(os.path.join(workdir, 'results.json'), results)
   return results
 
 
@@ -316,6 +354,9 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process index.')
 _DISTRIBUTED = flags.DEFINE_bool(
     'distributed', False, 'Call jax.distributed.initialize() with what the environment '
     '(TPU VM, SLURM) provides.')
+_FRESH = flags.DEFINE_bool(
+    'fresh', False, 'Start over even if the workdir holds checkpoints; the earlier run is '
+    'moved to <workdir>/replaced-<time>/, not deleted.')
 _CPU_DEVICES = flags.DEFINE_integer(
     'cpu_devices', None, 'Simulate this many CPU devices (testing multi-device code on CPU).')
 
@@ -331,10 +372,13 @@ def main(argv: list[str]) -> None:
   if _COORDINATOR.value or _DISTRIBUTED.value:
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:
-    run(_CONFIG.value, _WORKDIR.value)
+    run(_CONFIG.value, _WORKDIR.value, fresh=_FRESH.value)
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
+  except preemption.Preempted as e:
+    print(str(e), file=sys.stderr)
+    sys.exit(preemption.PREEMPTED_EXIT_CODE)
 
 
 def parse_flags(argv: list[str]) -> list[str]:

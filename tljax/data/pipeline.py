@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from tljax.data import preprocess
-from tljax.data.sources import DataError, Source
+from tljax.data.sources import DataError, Source, corrupt_message
 from tljax.data.tf_quiet import tf  # TF with accelerators hidden
 
 AUTOTUNE = -1
@@ -46,6 +46,41 @@ def train_size(source: Source, config: Mapping[str, Any]) -> int:
   """Training examples per epoch: the whole split or its k-per-class subset."""
   chosen = _selection(source, config['train_split'], config)
   return source.num_examples(config['train_split']) if chosen is None else len(chosen)
+
+
+def check_splits(source: Source, config: Mapping[str, Any], num_classes: int) -> int:
+  """Training examples per epoch, once both splits are known to be usable by a model with
+  `num_classes` outputs: not empty, the dataset's class count equal to it, labels in range."""
+  if source.num_classes is not None and source.num_classes != num_classes:
+    names = getattr(source, 'class_names', None)
+    raise DataError(f'model.num_classes={num_classes} but the dataset has '
+                    f'{source.num_classes} classes' + (f' ({", ".join(names)})' if names else ''))
+  train_examples = train_size(source, config)
+  for key, size in (('train_split', train_examples),
+                    ('eval_split', source.num_examples(config['eval_split']))):
+    if size == 0:
+      raise DataError(f'split {config[key]!r} (data.{key}) has no examples')
+  if source.num_classes is None:  # labels of arrays: nothing else bounds them
+    for key in ('train_split', 'eval_split'):
+      labels = source.labels(config[key])
+      bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+      if bad.size:
+        raise DataError(f'label {labels[bad[0]]} of example {bad[0]} in split {config[key]!r} '
+                        f'(data.{key}) is outside [0, {num_classes}) (model.num_classes); '
+                        f'{bad.size} labels are out of range')
+  return train_examples
+
+
+def _named_decode_errors(batches: Iterator[Any], source: Source, split: str) -> Iterator[Any]:
+  """`batches`, with an image that fails to decode reported as one error naming the files."""
+  try:
+    yield from batches
+  except tf.errors.InvalidArgumentError as e:
+    files = source.corrupt_files(split)
+    if files:
+      raise DataError(corrupt_message(split, files)) from None
+    reason = e.message.strip().splitlines()[-1] if e.message else type(e).__name__
+    raise DataError(f'cannot decode an example of split {split!r}: {reason}') from None
 
 
 def _train_records(source: Source, config: Mapping[str, Any]) -> tuple[tf.data.Dataset, int]:
@@ -112,7 +147,8 @@ def train_batches(source: Source, config: Mapping[str, Any], *, start_step: int,
                           process_index=process_index, process_count=process_count)
   stream = stream.map(example_fn, num_parallel_calls=AUTOTUNE, deterministic=True)
   stream = stream.batch(int(config['batch_size']) // process_count, drop_remainder=True)
-  yield from stream.prefetch(AUTOTUNE).as_numpy_iterator()
+  yield from _named_decode_errors(stream.prefetch(AUTOTUNE).as_numpy_iterator(), source,
+                                  config['train_split'])
 
 
 def ordered_train_examples(source: Source, config: Mapping[str, Any], seed: int
@@ -122,7 +158,9 @@ def ordered_train_examples(source: Source, config: Mapping[str, Any], seed: int
   records, total = _train_records(source, config)
   example_fn = preprocess.make_train_fn(config, source.decode, seed)
   examples = records.enumerate().map(example_fn, num_parallel_calls=AUTOTUNE, deterministic=True)
-  yield from examples.batch(int(config['batch_size'])).prefetch(AUTOTUNE).as_numpy_iterator()
+  yield from _named_decode_errors(
+      examples.batch(int(config['batch_size'])).prefetch(AUTOTUNE).as_numpy_iterator(), source,
+      config['train_split'])
 
 
 def array_batches(arrays: Mapping[str, np.ndarray], config: Mapping[str, Any], *,
@@ -150,7 +188,8 @@ class EvalBatches:
 
   def __init__(self, source: Source, config: Mapping[str, Any], *, process_index: int = 0,
                process_count: int = 1):
-    split = config['eval_split']
+    split = self.split = config['eval_split']
+    self.source = source
     total = source.num_examples(split)
     if total == 0:
       raise DataError(f'split {split!r} (data.eval_split) is empty')
@@ -167,7 +206,8 @@ class EvalBatches:
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
     produced = 0
-    for batch in self._dataset.as_numpy_iterator():
+    batches = self._dataset.as_numpy_iterator()
+    for batch in _named_decode_errors(batches, self.source, self.split):
       yield _pad(batch, self.local_batch)
       produced += 1
     for _ in range(produced, self.num_batches):

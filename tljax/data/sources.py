@@ -11,6 +11,7 @@ import gzip
 import importlib.util
 import os
 import struct
+import zipfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -42,6 +43,14 @@ class Source:
 
   def decode(self, image: tf.Tensor, channels: int) -> tf.Tensor:
     return tf.io.decode_image(image, channels=channels, expand_animations=False)
+
+  def corrupt_files(self, split: str) -> list[str]:
+    """Files of `split` that cannot be decoded (sources that read files say which)."""
+    return []
+
+  def skipped_files(self) -> dict[str, list[str]]:
+    """Unreadable files left out of each split (data.skip_corrupt_images)."""
+    return {}
 
 
 class TfdsSource(Source):
@@ -80,12 +89,19 @@ class TfdsSource(Source):
 
 
 class FolderSource(Source):
-  """`root/<split>/<class name>/*.png|jpg`, the tfds ImageFolder layout; classes sorted by name."""
+  """`root/<split>/<class name>/*.png|jpg`, the tfds ImageFolder layout; classes sorted by name.
 
-  def __init__(self, root: str):
+  Listing a split checks every file's signature and ending (a cheap read of its first and last
+  bytes), so an empty, truncated or foreign file fails the run before anything is written,
+  naming it. With `skip_corrupt`, every file is instead decoded once and the unreadable ones are
+  left out and counted. Damage inside a well-formed file is named when training meets it.
+  """
+
+  def __init__(self, root: str, skip_corrupt: bool = False):
     if not os.path.isdir(root):
       raise DataError(f'image folder {root!r} (data.path) does not exist')
-    self.root = root
+    self.root, self.skip_corrupt = root, skip_corrupt
+    self.skipped: dict[str, list[str]] = {}
     splits = [d for d in sorted(os.listdir(root)) if os.path.isdir(os.path.join(root, d))]
     names = sorted({c for s in splits for c in os.listdir(os.path.join(root, s))
                     if os.path.isdir(os.path.join(root, s, c))})
@@ -108,7 +124,22 @@ class FolderSource(Source):
         if file.lower().endswith(IMAGE_EXTENSIONS):
           paths.append(os.path.join(class_dir, file))
           labels.append(label)
+    if self.skip_corrupt:
+      bad = set(undecodable(paths))
+      self.skipped[split] = sorted(bad)
+      labels = [y for p, y in zip(paths, labels, strict=True) if p not in bad]
+      paths = [p for p in paths if p not in bad]
+    else:
+      broken = [p for p in paths if not looks_complete(p)]
+      if broken:
+        raise DataError(corrupt_message(split, broken))
     return paths, np.asarray(labels, np.int32)
+
+  def corrupt_files(self, split: str) -> list[str]:
+    return undecodable(self._files(split)[0])
+
+  def skipped_files(self) -> dict[str, list[str]]:
+    return {split: files for split, files in self.skipped.items() if files}
 
   def records(self, split: str) -> tf.data.Dataset:
     paths, labels = self._files(split)
@@ -121,6 +152,45 @@ class FolderSource(Source):
   def decode(self, image: tf.Tensor, channels: int) -> tf.Tensor:
     return tf.io.decode_image(tf.io.read_file(image), channels=channels,
                               expand_animations=False)
+
+
+def looks_complete(path: str) -> bool:
+  """Whether an image file starts with a known signature and ends as that format ends (PNG's
+  IEND chunk, JPEG's end-of-image marker near the end, GIF's trailer, BMP's declared size)."""
+  size = os.path.getsize(path)
+  with open(path, 'rb') as f:
+    head = f.read(8)
+    f.seek(max(0, size - 4096))
+    tail = f.read()
+  if head == b'\x89PNG\r\n\x1a\n':
+    return tail[-8:-4] == b'IEND'
+  if head.startswith(b'\xff\xd8\xff'):
+    return b'\xff\xd9' in tail
+  if head.startswith(b'GIF8'):
+    return tail.endswith(b';')
+  if head.startswith(b'BM'):
+    return size >= int.from_bytes(head[2:6], 'little')
+  return False
+
+
+def corrupt_message(split: str, files: Sequence[str]) -> str:
+  shown = ', '.join(files[:5]) + (f' and {len(files) - 5} more' if len(files) > 5 else '')
+  return (f'{len(files)} image file(s) of split {split!r} are corrupt or truncated: {shown}. '
+          'Replace or remove them, or set data.skip_corrupt_images=True to leave them out and '
+          'count them')
+
+
+def undecodable(paths: Sequence[str]) -> list[str]:
+  """The image files among `paths` that TensorFlow cannot decode, in one parallel pass."""
+  def index_if_readable(index, path):
+    image = tf.io.decode_image(tf.io.read_file(path), expand_animations=False)
+    return index, tf.shape(image)[0]
+
+  readable = (tf.data.Dataset.from_tensor_slices(tf.constant(list(paths), tf.string))
+              .enumerate().map(index_if_readable, num_parallel_calls=tf.data.AUTOTUNE)
+              .ignore_errors())
+  good = {int(index) for index, _ in readable.as_numpy_iterator()}
+  return [path for index, path in enumerate(paths) if index not in good]
 
 
 class ArraySource(Source):
@@ -136,9 +206,14 @@ class ArraySource(Source):
     """Reads `<split>_images` / `<split>_labels` arrays; object arrays are refused."""
     if not os.path.isfile(path):
       raise DataError(f'npz file {path!r} (data.path) does not exist')
-    with np.load(path, allow_pickle=False) as npz:
-      names = {k.rsplit('_', 1)[0] for k in npz.files if k.endswith(('_images', '_labels'))}
-      splits = {n: (npz[f'{n}_images'], npz[f'{n}_labels']) for n in sorted(names)}
+    try:
+      with np.load(path, allow_pickle=False) as npz:
+        names = {k.rsplit('_', 1)[0] for k in npz.files if k.endswith(('_images', '_labels'))}
+        splits = {n: (npz[f'{n}_images'], npz[f'{n}_labels']) for n in sorted(names)}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+      # ValueError: object arrays, which only pickle could load, are refused.
+      raise DataError(f'npz file {path!r} (data.path) cannot be read as plain arrays: '
+                      f'{e}') from None
     return cls(splits)
 
   def _split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -197,6 +272,8 @@ class ClassSubset(Source):
     self.source, self.classes = source, [int(c) for c in classes]
     self.num_classes = len(self.classes)
     self.decode = source.decode
+    self.corrupt_files = source.corrupt_files
+    self.skipped_files = source.skipped_files
 
   def _remap(self) -> np.ndarray:
     """Old label -> new label, -1 for classes left out."""
@@ -314,7 +391,7 @@ def make_source(config: Mapping[str, Any]) -> Source:
     source = TfdsSource(config['name'], config.get('data_dir'),
                         config.get('image_key', 'image'), config.get('label_key', 'label'))
   elif kind == 'folder':
-    source = FolderSource(config['path'])
+    source = FolderSource(config['path'], bool(config.get('skip_corrupt_images')))
   elif kind == 'npz':
     source = ArraySource.from_npz(config['path'])
   elif kind == 'idx':

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import zipfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -54,6 +55,8 @@ def read_npz(path: str) -> dict[str, np.ndarray]:
       return {k: data[k] for k in data.files}
   except ValueError as e:  # object arrays need pickle: refused
     raise WeightsError(f'{path}: cannot read without pickle ({e})') from None
+  except (OSError, EOFError, zipfile.BadZipFile) as e:
+    raise WeightsError(f'{path}: truncated or not an npz archive ({e})') from None
 
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:

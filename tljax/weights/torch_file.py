@@ -160,9 +160,14 @@ def load(path: str) -> Any:
   """The object saved in a `.pth`/`.bin` file, tensors as NumPy arrays."""
   if not os.path.isfile(path):
     raise WeightsError(f'{path}: no such file')
+  with open(path, 'rb') as f:
+    zip_header = f.read(4) == b'PK\x03\x04'
+  if zip_header and not zipfile.is_zipfile(path):  # the zip directory sits at the end
+    raise WeightsError(f'{path}: truncated or corrupt zip archive (no central directory)')
   try:
     return _load_zip(path) if zipfile.is_zipfile(path) else _load_legacy(path)
   except WeightsError:
     raise
-  except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError) as e:
+  except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, OSError,
+          zipfile.BadZipFile) as e:
     raise WeightsError(f'{path}: not a readable torch.save file ({e})') from None

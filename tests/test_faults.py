@@ -1,0 +1,257 @@
+"""Faults injected into real training processes: SIGKILL at random moments and mid-checkpoint,
+SIGTERM preemption, a full disk during a save, NaN from divergence.
+
+The killed, preempted and uninterrupted runs are separate processes of the same command with one
+CPU device each, so their final states must be bitwise equal.
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from conftest import REPO, make_arrays, small_config
+
+from tljax import train
+from tljax.checkpoint import TMP_SUFFIX
+from tljax.data.sources import ArraySource
+from tljax.numerics import NonFiniteError
+from tljax.preemption import PREEMPTED_EXIT_CODE
+from tljax.weights.read import restore_latest
+
+TOTAL_STEPS, CHECKPOINT_EVERY, LOG_EVERY = 120, 5, 1
+KILLS = 10
+SEED = 20261123  # the kill schedule; timing still varies from run to run
+
+
+@pytest.fixture(scope='module')
+def run_args(tmp_path_factory):
+  data = tmp_path_factory.mktemp('data') / 'data.npz'
+  train_arrays, test_arrays = make_arrays(per_class=16, seed=0), make_arrays(per_class=5, seed=1)
+  np.savez(data, train_images=train_arrays[0], train_labels=train_arrays[1],
+           test_images=test_arrays[0], test_labels=test_arrays[1])
+  # Augmentation on, so the data position and the per-example randomness must both resume.
+  return [f'--config.data.path={data}', f'--config.total_steps={TOTAL_STEPS}',
+          f'--config.checkpoint_every={CHECKPOINT_EVERY}', f'--config.log_every={LOG_EVERY}',
+          '--config.data.augment=True', '--config.keep_checkpoints=2']
+
+
+# Runs the rest of the command line under a file-size limit: writes past it fail with EFBIG.
+FILE_SIZE_LIMIT = ('import os, resource, sys; '
+                   'resource.setrlimit(resource.RLIMIT_FSIZE, (6000, 6000)); '
+                   'os.execv(sys.executable, [sys.executable, *sys.argv[1:]])')
+
+
+def _command(workdir, args, small_files=False):
+  limit = ['-c', FILE_SIZE_LIMIT] if small_files else []
+  return [sys.executable, *limit, '-m', 'tljax.train',
+          f'--config={REPO}/configs/tests/arrays.py', f'--workdir={workdir}', *args]
+
+
+ENV = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+
+
+def _start(workdir, args, log_name):
+  workdir.mkdir(exist_ok=True)
+  log = open(workdir.parent / f'{workdir.name}-{log_name}.log', 'w')  # noqa: SIM115
+  process = subprocess.Popen(_command(workdir, args), cwd=REPO, stdout=log,
+                             stderr=subprocess.STDOUT, env=ENV)
+  process.log_path = log.name
+  return process
+
+
+def _output(process) -> str:
+  with open(process.log_path) as f:
+    return f.read()
+
+
+def _complete_steps(workdir) -> list[int]:
+  directory = workdir / 'checkpoints'
+  return sorted(int(n) for n in os.listdir(directory) if n.isdigit()) if directory.is_dir() else []
+
+
+def _partial_checkpoints(workdir) -> list[str]:
+  directory = workdir / 'checkpoints'
+  return [n for n in os.listdir(directory) if TMP_SUFFIX in n] if directory.is_dir() else []
+
+
+def _final_state(workdir) -> dict[str, np.ndarray]:
+  """Every array of the latest checkpoint: step, params, batch_stats and optimizer state."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(restore_latest(str(workdir)))
+  return {jax.tree_util.keystr(path): np.asarray(value) for path, value in flat}
+
+
+def _assert_bitwise_equal(expected, actual):
+  assert expected.keys() == actual.keys()
+  for key in expected:
+    assert expected[key].dtype == actual[key].dtype, key
+    assert np.array_equal(expected[key], actual[key]), key
+
+
+def _last_logged_step(workdir) -> int:
+  metrics = workdir / 'metrics.jsonl'
+  lines = metrics.read_text().splitlines() if metrics.exists() else []
+  complete = [line for line in lines[-3:] if line.endswith('}')]
+  return json.loads(complete[-1])['step'] if complete else 0
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(run_args, tmp_path_factory):
+  """The reference final state, and how long start-up takes before the first logged step."""
+  workdir = tmp_path_factory.mktemp('faults') / 'uninterrupted'
+  start = time.monotonic()
+  process = _start(workdir, run_args, 'run')
+  while process.poll() is None and not _last_logged_step(workdir):
+    time.sleep(0.005)
+  startup_s = time.monotonic() - start
+  assert process.wait(timeout=300) == 0, _output(process)[-3000:]
+  return _final_state(workdir), startup_s
+
+
+def _kill_when(process, workdir, mode, rng, startup_s) -> bool:
+  """SIGKILLs the process at a random moment of the kind `mode` names; False if it finished
+  first. Each kind bounds the progress an attempt makes, so ten kills fit in one run."""
+  start = time.time()
+  delay = rng.uniform(0.0, startup_s)  # imports, compilation, restore, first files
+  nth_write = rng.randint(1, 3)  # kill inside this attempt's n-th checkpoint write
+  resumed_at = _complete_steps(workdir)[-1] if _complete_steps(workdir) else 0
+  target_step, extra_s = resumed_at + rng.randint(1, 20), rng.uniform(0.0, 0.02)
+  metrics = workdir / 'metrics.jsonl'
+  writes_seen: set[str] = set()
+  reached_at = None
+  while process.poll() is None:
+    # Training has started once this attempt rewrote metrics.jsonl (dropping the lines after
+    # its checkpoint); orbax deleted any earlier half-written checkpoint before that.
+    training = metrics.exists() and metrics.stat().st_mtime > start
+    if mode == 'mid-checkpoint':
+      writes = _partial_checkpoints(workdir) if training else []
+      writes_seen.update(writes)
+      fire = len(writes_seen) >= nth_write and bool(writes)
+    elif mode == 'during start-up':
+      fire = time.time() - start > delay
+    else:  # 'while training': just after a random step of this attempt
+      if reached_at is None and training and _last_logged_step(workdir) >= target_step:
+        reached_at = time.time()
+      fire = reached_at is not None and time.time() - reached_at > extra_s
+    if fire:
+      process.send_signal(signal.SIGKILL)
+      process.wait()
+      return True
+    time.sleep(0.001)
+  return False
+
+
+def test_sigkill_at_random_moments_loses_nothing(run_args, uninterrupted, tmp_path):
+  """At least 10 SIGKILLs; every restart resumes from the newest complete checkpoint, never a
+  half-written one; the final state equals the uninterrupted run's bit for bit."""
+  reference, startup_s = uninterrupted
+  rng = random.Random(SEED)
+  workdir = tmp_path / 'killed'
+  modes = ('mid-checkpoint', 'during start-up', 'while training')
+  kills, partial_seen, resumes, attempt = [], 0, [], 0
+  while len(kills) < KILLS:
+    attempt += 1
+    assert attempt <= 2 * KILLS, f'only {len(kills)} kills landed in {attempt - 1} attempts'
+    complete_before, partial_before = _complete_steps(workdir), _partial_checkpoints(workdir)
+    partial_seen += bool(partial_before)
+    mode = modes[len(kills) % len(modes)]
+    process = _start(workdir, run_args, f'attempt{attempt}')
+    killed = _kill_when(process, workdir, mode, rng, startup_s)
+    output = _output(process)
+    if 'resumed from checkpoint at step' in output:
+      resumed = int(output.split('resumed from checkpoint at step ')[1].split()[0])
+      assert resumed == complete_before[-1], (resumed, complete_before, partial_before)
+      resumes.append(resumed)
+    if not killed:
+      assert process.returncode == 0, output[-3000:]
+      break
+    kills.append((mode, complete_before[-1] if complete_before else 0))
+  assert len(kills) >= KILLS, kills
+  assert partial_seen, 'no kill landed inside a checkpoint write'
+
+  final = _start(workdir, run_args, 'final')
+  assert final.wait(timeout=300) == 0, _output(final)[-3000:]
+  _assert_bitwise_equal(reference, _final_state(workdir))
+  lines = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  assert [m['step'] for m in lines if m['split'] == 'train'] == list(
+      range(LOG_EVERY, TOTAL_STEPS + 1, LOG_EVERY))
+  assert json.loads((workdir / 'results.json').read_text())['final_step'] == TOTAL_STEPS
+  print(f'\nfault injection: {len(kills)} SIGKILLs ({sum(m == "mid-checkpoint" for m, _ in kills)}'
+        f' mid-checkpoint), {attempt} attempts, {partial_seen} restarts found a half-written '
+        f'checkpoint, resumed at {resumes}; final state bitwise equal')
+
+
+def test_sigterm_saves_exits_75_and_the_same_command_resumes(run_args, uninterrupted, tmp_path):
+  workdir = tmp_path / 'preempted'
+  process = _start(workdir, run_args, 'preempted')
+  while not _complete_steps(workdir):  # in the training loop
+    assert process.poll() is None, _output(process)[-3000:]
+    time.sleep(0.005)
+  process.send_signal(signal.SIGTERM)
+  assert process.wait(timeout=120) == PREEMPTED_EXIT_CODE, _output(process)[-3000:]
+  output = _output(process)
+  step = int(output.split('preempted: checkpoint of step ')[1].split()[0])
+  assert 0 < step < TOTAL_STEPS
+  assert _complete_steps(workdir)[-1] == step and not _partial_checkpoints(workdir)
+
+  resumed = _start(workdir, run_args, 'resumed')
+  assert resumed.wait(timeout=300) == 0, _output(resumed)[-3000:]
+  assert f'resumed from checkpoint at step {step}' in _output(resumed)
+  _assert_bitwise_equal(uninterrupted[0], _final_state(workdir))
+
+
+def _array_source():
+  return ArraySource({'train': make_arrays(per_class=16, seed=0),
+                      'test': make_arrays(per_class=5, seed=1)})
+
+
+def _snapshot(directory) -> dict[str, bytes]:
+  return {os.path.relpath(os.path.join(root, name), directory):
+          open(os.path.join(root, name), 'rb').read()
+          for root, _, names in os.walk(directory) for name in names}
+
+
+def test_full_disk_during_a_save_keeps_the_checkpoints(tmp_path, npz_path):
+  """RLIMIT_FSIZE makes the kernel refuse the checkpoint's writes (EFBIG, as ENOSPC would)."""
+  workdir = tmp_path / 'run'
+  config = small_config(**{'data.path': npz_path, 'data.resize_size': 18})  # arrays.py's
+  train.run(config, str(workdir))  # checkpoints 3 and 6
+  before = _snapshot(workdir / 'checkpoints')
+  # Output goes to pipes: a log file would hit the limit too.
+  process = subprocess.run(
+      _command(workdir, [f'--config.data.path={npz_path}', '--config.total_steps=12'],
+               small_files=True), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+  output = process.stdout + process.stderr
+  assert process.returncode == 2, output[-3000:]
+  errors = [line for line in output.splitlines() if line.startswith('error:')]
+  assert len(errors) == 1, output[-3000:]  # (orbax logs its writer thread's traceback too)
+  assert 'could not write the checkpoint of step 9' in errors[0]
+  assert 'File too large' in errors[0] and 'Complete checkpoints kept: 3, 6' in errors[0]
+  assert _snapshot(workdir / 'checkpoints') == before  # no partial step 9 left either
+
+
+def test_divergence_stops_at_the_first_nonfinite_step_and_saves_none(tmp_path):
+  config = small_config(**{'optim.lr': 1e3, 'optim.schedule.name': 'constant'})
+  config.total_steps, config.checkpoint_every = 12, 3
+  with pytest.raises(NonFiniteError) as error:
+    train.run(config, str(tmp_path / 'diverged'), source=_array_source())
+  message = str(error.value)
+  step = int(message.split('non-finite values at step ')[1].split(':')[0])
+  leaf = message.split('first non-finite gradient: ')[1].split()[0]
+  assert 'the loss is not finite' in message
+  assert not leaf.startswith('stem/')  # frozen: it has no gradient
+  saved = _complete_steps(tmp_path / 'diverged')
+  assert saved and saved[-1] < step
+  for value in jax.tree.leaves(restore_latest(str(tmp_path / 'diverged'))):
+    assert np.isfinite(np.asarray(value)).all()
+  # The named step really is the first: the same run stopped one step earlier is finite.
+  config.total_steps = step - 1
+  train.run(config, str(tmp_path / 'before'), source=_array_source())
+  for value in jax.tree.leaves(restore_latest(str(tmp_path / 'before'))):
+    assert np.isfinite(np.asarray(value)).all()
