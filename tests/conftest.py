@@ -54,3 +54,10 @@ def small_config(**overrides):
       target = target[p]
     target[leaf] = value
   return c
+
+
+def snapshot(directory) -> dict[str, bytes]:
+  """Every file under `directory` (relative path -> bytes): equal snapshots mean untouched."""
+  return {os.path.relpath(os.path.join(root, name), directory):
+          open(os.path.join(root, name), 'rb').read()  # noqa: SIM115
+          for root, _, names in os.walk(directory) for name in names}

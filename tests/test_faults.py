@@ -16,13 +16,13 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, make_arrays, small_config
+from conftest import REPO, make_arrays, small_config, snapshot
 
 from tljax import train
 from tljax.checkpoint import TMP_SUFFIX
 from tljax.data.sources import ArraySource
+from tljax.errors import PREEMPTED_EXIT_CODE
 from tljax.numerics import NonFiniteError
-from tljax.preemption import PREEMPTED_EXIT_CODE
 from tljax.weights.read import restore_latest
 
 TOTAL_STEPS, CHECKPOINT_EVERY, LOG_EVERY = 120, 5, 1
@@ -133,8 +133,8 @@ def _kill_when(process, workdir, mode, rng, startup_s) -> bool:
       writes = _partial_checkpoints(workdir) if training else []
       writes_seen.update(writes)
       fire = len(writes_seen) >= nth_write and bool(writes)
-    elif mode == 'during start-up':
-      fire = time.time() - start > delay
+    elif mode == 'during start-up':  # at the latest as training begins
+      fire = time.time() - start > delay or training
     else:  # 'while training': just after a random step of this attempt
       if reached_at is None and training and _last_logged_step(workdir) >= target_step:
         reached_at = time.time()
@@ -211,18 +211,12 @@ def _array_source():
                       'test': make_arrays(per_class=5, seed=1)})
 
 
-def _snapshot(directory) -> dict[str, bytes]:
-  return {os.path.relpath(os.path.join(root, name), directory):
-          open(os.path.join(root, name), 'rb').read()
-          for root, _, names in os.walk(directory) for name in names}
-
-
 def test_full_disk_during_a_save_keeps_the_checkpoints(tmp_path, npz_path):
   """RLIMIT_FSIZE makes the kernel refuse the checkpoint's writes (EFBIG, as ENOSPC would)."""
   workdir = tmp_path / 'run'
   config = small_config(**{'data.path': npz_path, 'data.resize_size': 18})  # arrays.py's
   train.run(config, str(workdir))  # checkpoints 3 and 6
-  before = _snapshot(workdir / 'checkpoints')
+  before = snapshot(workdir / 'checkpoints')
   # Output goes to pipes: a log file would hit the limit too.
   process = subprocess.run(
       _command(workdir, [f'--config.data.path={npz_path}', '--config.total_steps=12'],
@@ -233,7 +227,7 @@ def test_full_disk_during_a_save_keeps_the_checkpoints(tmp_path, npz_path):
   assert len(errors) == 1, output[-3000:]  # (orbax logs its writer thread's traceback too)
   assert 'could not write the checkpoint of step 9' in errors[0]
   assert 'File too large' in errors[0] and 'Complete checkpoints kept: 3, 6' in errors[0]
-  assert _snapshot(workdir / 'checkpoints') == before  # no partial step 9 left either
+  assert snapshot(workdir / 'checkpoints') == before  # no partial step 9 left either
 
 
 def test_divergence_stops_at_the_first_nonfinite_step_and_saves_none(tmp_path):
@@ -255,3 +249,28 @@ def test_divergence_stops_at_the_first_nonfinite_step_and_saves_none(tmp_path):
   train.run(config, str(tmp_path / 'before'), source=_array_source())
   for value in jax.tree.leaves(restore_latest(str(tmp_path / 'before'))):
     assert np.isfinite(np.asarray(value)).all()
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path, npz_path):
+  """jax.distributed's preemption service: every process saves the same step and exits 75."""
+  workdir = tmp_path / 'two'
+  launcher = subprocess.Popen(
+      ['bash', f'{REPO}/launch/multiprocess.sh', '2', '4', f'{REPO}/configs/tests/arrays.py',
+       str(workdir), f'--config.data.path={npz_path}', '--config.total_steps=400',
+       '--config.checkpoint_every=50'], cwd=REPO, stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, start_new_session=True)
+  deadline = time.monotonic() + 240
+  while not _complete_steps(workdir):
+    assert launcher.poll() is None and time.monotonic() < deadline
+    time.sleep(0.05)
+  worker = subprocess.run(['pgrep', '-f', f'workdir={workdir} .*--process_id=1'],
+                          capture_output=True, text=True).stdout.split()
+  assert len(worker) == 1, worker
+  os.kill(int(worker[0]), signal.SIGTERM)
+  assert launcher.wait(timeout=120) == PREEMPTED_EXIT_CODE
+  saved = set()
+  for i in range(2):
+    log = (workdir / f'process_{i}.log').read_text()
+    saved.add(int(log.split('preempted: checkpoint of step ')[1].split()[0]))
+  [step] = saved
+  assert _complete_steps(workdir)[-1] == step < 400 and not _partial_checkpoints(workdir)

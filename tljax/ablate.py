@@ -16,25 +16,15 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-import ml_collections
-from flax import traverse_util
-
 from tljax import config as config_lib
 from tljax import report
-from tljax.errors import UserError
+from tljax import workdir as workdir_lib
+from tljax.errors import PREEMPTED_EXIT_CODE, Preempted, UserError
 from tljax.sweep import Sweep, Variant, command, expand, variant_config
 
 
 def _finished(workdir: str) -> bool:
   return os.path.isfile(os.path.join(workdir, 'results.json'))
-
-
-def _config_differences(workdir: str, config: ml_collections.ConfigDict) -> list[str]:
-  """Keys whose value in the workdir's config.json differs from `config`'s."""
-  with open(os.path.join(workdir, 'config.json')) as f:
-    before = traverse_util.flatten_dict(json.load(f), sep='.')
-  now = traverse_util.flatten_dict(json.loads(config.to_json_best_effort()), sep='.')
-  return sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
 
 
 def run_sweep(sweep: Sweep, sweep_dir: str) -> list[dict[str, Any]]:
@@ -47,10 +37,11 @@ def run_sweep(sweep: Sweep, sweep_dir: str) -> list[dict[str, Any]]:
     workdir = os.path.join(sweep_dir, variant.name)
     config = train.resolve_config(variant_config(base, variant))
     if _finished(workdir):
-      changed = _config_differences(workdir, config)
+      changed = workdir_lib.config_differences(workdir_lib.saved_config(workdir) or {},
+                                               json.loads(config.to_json_best_effort()))
       if changed:
         raise UserError(f'variant {variant.name!r} in {workdir} finished with a different '
-                        f'config (keys {", ".join(changed)}); remove that directory or use '
+                        f'config ({"; ".join(changed)}); remove that directory or use '
                         'another --workdir')
       print(f'[{index}/{len(variants)}] {variant.name}: finished, skipped', flush=True)
       continue
@@ -109,6 +100,9 @@ def main(argv: Sequence[str] | None = None) -> None:
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
+  except Preempted as e:  # the rerun skips finished variants and resumes this one
+    print(str(e), file=sys.stderr)
+    sys.exit(PREEMPTED_EXIT_CODE)
   print(report.markdown_table(rows, published=sweep.published))
   print(f'\nwrote {os.path.join(args.workdir, "results.md")}, results.csv'
         + (f' and the plot {os.path.join(args.workdir, "results.png")}' if sweep.plot else ''))

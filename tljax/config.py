@@ -95,6 +95,13 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for key in ('name', 'num_classes'):
     if key not in merged.model:
       raise ConfigError(f'config key model.{key} is required')
+  for key in ('mean', 'std'):
+    value = merged.data[key]
+    if value is not None and not (
+        isinstance(value, (tuple, list)) and value
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+      raise ConfigError(f'data.{key} must be a tuple of numbers (one per channel), got '
+                        f'{value!r}')
   return merged
 
 

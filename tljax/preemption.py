@@ -7,26 +7,12 @@ which all of them stop, so the checkpoint they write together is consistent.
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 from types import FrameType
 
 import jax
 from jax.experimental import multihost_utils
-
-# The exit status of a preempted run that saved its checkpoint: "temporary failure, run again"
-# (sysexits.h EX_TEMPFAIL). SLURM scripts and TPU VM wrappers requeue on it.
-PREEMPTED_EXIT_CODE = os.EX_TEMPFAIL
-
-
-class Preempted(Exception):  # noqa: N818 (a request, not a failure)
-  """Raised by the training loop after a preemption checkpoint at `step` is complete."""
-
-  def __init__(self, step: int, directory: str):
-    super().__init__(f'preempted: checkpoint of step {step} written to {directory}; run the '
-                     'same command to resume')
-    self.step = step
 
 
 class PreemptionWatch:

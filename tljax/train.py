@@ -37,7 +37,7 @@ from tljax import (
 from tljax import config as config_lib
 from tljax import workdir as workdir_lib
 from tljax.data import pipeline, sources
-from tljax.errors import UserError
+from tljax.errors import PREEMPTED_EXIT_CODE, Preempted, UserError
 from tljax.models import build_model, get_entry, init_variables
 from tljax.models.layers import NormSpec
 from tljax.weights import load as weights_load
@@ -202,9 +202,9 @@ def run(config: ml_collections.ConfigDict, workdir: str,
         source: sources.Source | None = None, fresh: bool = False) -> dict[str, Any]:
   """Trains as `config` says in `workdir`, resuming if it holds checkpoints; returns results.
 
-  Everything that can be wrong with the config, data, workdir or weights is checked before the
+  Everything that can be wrong with the config, data, weights or workdir is checked before the
   first file is written. `fresh` moves an earlier run's files aside instead of resuming them.
-  Raises preemption.Preempted after saving a checkpoint when SIGTERM arrives.
+  Raises errors.Preempted after saving a checkpoint when SIGTERM arrives.
   """
   wall_start = time.time()
   config = resolve_config(config)
@@ -212,16 +212,17 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   process_index, process_count = jax.process_index(), jax.process_count()
   is_main = process_index == 0
 
-  # Check: config, data, workdir, weights; nothing is written until all of them pass.
+  # Check: config, data, weights, workdir; nothing is written until all of them pass.
   parallel.check_batch_size(config.data.batch_size)
   source = source or sources.make_source(config.data)
   train_examples = pipeline.check_splits(source, config.data, config.model.num_classes)
   total_steps = config_lib.total_steps(config, train_examples)
+  model, params, batch_stats, groups, labels = create_train_state(config)
   config_json = config.to_json_best_effort(indent=2)
   workdir_lib.check_writable(workdir)
   if not fresh and checkpoint.has_checkpoints(workdir):
-    workdir_lib.check_resumable(workdir, config_json)
-  model, params, batch_stats, groups, labels = create_train_state(config)
+    workdir_lib.check_resumable(workdir, config_json,
+                                config_lib.base_config().to_json_best_effort())
 
   # Build: optimizer, state; report what is frozen and what was skipped.
   if fresh:
@@ -316,7 +317,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
           ckpt.save(step, host_state)
         if preempted:
           ckpt.wait()
-          raise preemption.Preempted(step, ckpt.directory)
+          raise Preempted(step, ckpt.directory)
       step_check.flush()
     if not eval_metrics:  # resumed at the final step: evaluate what was restored
       eval_metrics = evaluate(eval_step, state, eval_data)
@@ -376,9 +377,9 @@ def main(argv: list[str]) -> None:
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
-  except preemption.Preempted as e:
+  except Preempted as e:
     print(str(e), file=sys.stderr)
-    sys.exit(preemption.PREEMPTED_EXIT_CODE)
+    sys.exit(PREEMPTED_EXIT_CODE)
 
 
 def parse_flags(argv: list[str]) -> list[str]:

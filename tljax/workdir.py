@@ -15,6 +15,8 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from flax import traverse_util
+
 from tljax.errors import UserError
 
 CONFIG_FILE = 'config.json'
@@ -51,36 +53,40 @@ def write_json(path: str, value: Any) -> None:
   os.replace(tmp, path)
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, Mapping) and value:
-      flat.update(_flatten(value, f'{prefix}{key}.'))
-    else:
-      flat[f'{prefix}{key}'] = value
-  return flat
-
-
-def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-  """`key: saved -> current` for every key that differs, except RESUMABLE_CHANGES."""
-  old, new = _flatten(saved), _flatten(current)
+def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any],
+                       allowed: tuple[str, ...] = (),
+                       defaults: Mapping[str, Any] | None = None) -> list[str]:
+  """`key: saved -> current` for every dotted key whose value differs, except `allowed`. A key
+  the saved config lacks (added to tljax since) counts as its value in `defaults`."""
+  default = traverse_util.flatten_dict(dict(defaults or {}), sep='.')
+  old = {**default, **traverse_util.flatten_dict(dict(saved), sep='.')}
+  new = traverse_util.flatten_dict(dict(current), sep='.')
   return [f'{key}: {old.get(key, "<unset>")!r} -> {new.get(key, "<unset>")!r}'
           for key in sorted(old.keys() | new.keys())
-          if old.get(key) != new.get(key) and key not in RESUMABLE_CHANGES]
+          if old.get(key) != new.get(key) and key not in allowed]
 
 
-def check_resumable(workdir: str, config_json: str) -> None:
-  """Refuses to resume checkpoints written under a config that differs in a key that matters."""
+def saved_config(workdir: str) -> dict[str, Any] | None:
+  """The config.json an earlier run wrote in `workdir`, or None if there is none."""
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.isfile(path):
-    return  # checkpoints without a config (written by hand): nothing to compare against
+    return None
   try:
     with open(path) as f:
-      saved = json.load(f)
+      return json.load(f)
   except (OSError, ValueError) as e:
-    raise WorkdirError(f'{path}: cannot read the config of the checkpoints in {workdir} '
+    raise WorkdirError(f'{path}: cannot read the config of the earlier run in {workdir} '
                        f'({e}); pass --fresh to start over') from None
-  differences = config_differences(saved, json.loads(config_json))
+
+
+def check_resumable(workdir: str, config_json: str, defaults_json: str) -> None:
+  """Refuses to resume checkpoints written under a config that differs in a key that matters
+  (`defaults_json`: every key's default, for keys older runs did not have)."""
+  saved = saved_config(workdir)
+  if saved is None:
+    return  # checkpoints without a config (written by hand): nothing to compare against
+  differences = config_differences(saved, json.loads(config_json), RESUMABLE_CHANGES,
+                                   json.loads(defaults_json))
   if differences:
     raise WorkdirError(
         f'workdir {workdir} holds checkpoints of a different config; refusing to resume. '
