@@ -10,22 +10,12 @@ import sys
 import numpy as np
 import pytest
 from conftest import REPO, make_arrays, small_config
-from test_weights import _write_malicious
+from test_weights import _RunsShell, _write_malicious
 
 from tljax import train
 from tljax.data.sources import ArraySource, DataError
 from tljax.weights import read
 from tljax.weights.errors import WeightsError
-
-
-class _RunsShell:
-  """Unpickling this runs a shell command: what a hostile file would do."""
-
-  def __init__(self, command):
-    self.command = command
-
-  def __reduce__(self):
-    return (os.system, (self.command,))
 
 
 def _object_npz(path, marker, prefix=''):

@@ -27,12 +27,16 @@ def leaf_paths(tree: Any) -> list[str]:
                    for k in path) for path, _ in flat]
 
 
+def _flagged(names: list[str], flags: np.ndarray) -> list[str]:
+  return [name for name, flag in zip(names, flags, strict=True) if flag]
+
+
 def first_nonfinite(flags: np.ndarray, names: list[str]) -> str | None:
   """A description of what `flags` (steps.nonfinite_flags) found, or None when all is finite."""
   flags = np.asarray(flags).reshape(-1, len(names) + 1)[0]  # pmap: every replica agrees
   if not flags.any():
     return None
-  bad = [name for name, flag in zip(names, flags[1:], strict=True) if flag]
+  bad = _flagged(names, flags[1:])
   loss = 'the loss is not finite' if flags[0] else 'the loss is finite'
   if not bad:
     return loss
@@ -72,8 +76,7 @@ def _state_flags(state: Any) -> jax.Array:
 def check_state(state: Any, step: int) -> None:
   """Refuses to let a state holding NaN or Inf reach a checkpoint."""
   names = leaf_paths(state)
-  flags = np.asarray(jax.device_get(_state_flags(state)))
-  bad = [name for name, flag in zip(names, flags, strict=True) if flag]
+  bad = _flagged(names, np.asarray(jax.device_get(_state_flags(state))))
   if bad:
     raise NonFiniteError(f'non-finite values in the state at step {step}, first in {bad[0]} '
                          f'({len(bad)} leaves); not writing this checkpoint')
