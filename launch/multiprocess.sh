@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # N local processes joined by jax.distributed on 127.0.0.1, each with its own simulated CPU
-# devices: what a TPU VM slice does, on one machine.
-#   launch/multiprocess.sh N DEVICES_PER_PROCESS CONFIG[:ARG] WORKDIR [--config.a.b=v ...]
+# devices: what the hosts of a TPU VM slice do, on one machine.
+#   launch/multiprocess.sh N CONFIG[:ARG] WORKDIR [--config.a.b=v ...]
+# Environment: DEVICES_PER_PROCESS (default 4, a TPU v4/v5 host's chips), PORT (the
+# coordinator's; default random), PYTHON. Process i logs to WORKDIR/process_i.log; the exit
+# status is that of the lowest-numbered process that failed (75: preempted; rerun to resume).
 set -euo pipefail
-if [ "$#" -lt 4 ]; then
-  echo "usage: $0 N DEVICES_PER_PROCESS CONFIG[:ARG] WORKDIR [--config.key=value ...]" >&2
+if [ "$#" -lt 3 ]; then
+  echo "usage: $0 N CONFIG[:ARG] WORKDIR [--config.key=value ...]" >&2
   exit 2
 fi
 num=$1
-devices=$2
-config=$3
-workdir=$4
-shift 4
+config=$2
+workdir=$3
+shift 3
+devices=${DEVICES_PER_PROCESS:-4}
 here=$(cd "$(dirname "$0")/.." && pwd)
 python=${PYTHON:-$here/.venv/bin/python}
 port=${PORT:-$((20000 + RANDOM % 20000))}
@@ -25,6 +28,8 @@ for ((i = 0; i < num; i++)); do
 done
 status=0
 for pid in "${pids[@]}"; do
-  wait "$pid" || status=$?
+  code=0
+  wait "$pid" || code=$?
+  if [ "$status" = 0 ]; then status=$code; fi
 done
 exit "$status"

@@ -255,7 +255,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path, npz_pa
   """jax.distributed's preemption service: every process saves the same step and exits 75."""
   workdir = tmp_path / 'two'
   launcher = subprocess.Popen(
-      ['bash', f'{REPO}/launch/multiprocess.sh', '2', '4', f'{REPO}/configs/tests/arrays.py',
+      ['bash', f'{REPO}/launch/multiprocess.sh', '2', f'{REPO}/configs/tests/arrays.py',
        str(workdir), f'--config.data.path={npz_path}', '--config.total_steps=400',
        '--config.checkpoint_every=50'], cwd=REPO, stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT, start_new_session=True)

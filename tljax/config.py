@@ -68,6 +68,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.seed = 0
   c.parallel = 'jit'  # 'jit' (sharded over a mesh) | 'pmap'
+  # Where the train state lives under parallel='jit' (tljax.partition). rule='fsdp' splits every
+  # parameter, optimizer-state and BatchNorm leaf of at least min_size_mb over the 'data' axis;
+  # model_axis=M > 1 makes the mesh 2-D ('data', 'model') and splits large leaves' last
+  # dimension over M devices of one process.
+  c.sharding = dict(rule='replicate', min_size_mb=4.0, model_axis=1)
   # Mixed precision: parameters stay float32; the step computes in this dtype.
   c.compute_dtype = 'float32'  # 'float32' | 'bfloat16' | 'float16'
   return c

@@ -1,11 +1,14 @@
 """Device placement: the mesh, global batches, and jit-with-sharding or pmap step runners.
 
 Both runners take the same pure step functions and the same per-process numpy batches, so the
-training loop does not know which one it drives.
+training loop does not know which one it drives. Under jit the train state is laid out by a
+`partition.Layout` (replicated, FSDP, or a 2-D ('data', 'model') mesh) and XLA inserts the
+gathers and reductions; under pmap it is replicated.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from typing import Any
@@ -18,8 +21,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from tljax.errors import UserError
+from tljax.partition import DATA_AXIS, Layout
 
-DATA_AXIS = 'data'
 PMAP_AXIS = 'batch'
 
 
@@ -60,51 +63,86 @@ def set_cpu_device_count(count: int) -> None:
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 
-def make_mesh() -> Mesh:
-  """A 1-D mesh over every device of every process, axis 'data'."""
-  return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
+def make_mesh(layout: Layout | None = None) -> Mesh:
+  """A mesh over every device of every process: 1-D ('data',) or 2-D ('data', 'model').
+
+  Devices are ordered by process, so each process holds whole rows of the 'data' axis and
+  feeds them its own contiguous slice of the global batch.
+  """
+  layout = layout or Layout(data=jax.device_count())
+  devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+  return Mesh(np.asarray(devices).reshape(layout.mesh_shape), layout.axis_names)
 
 
-def check_batch_size(global_batch: int) -> int:
-  """The per-process batch; the global batch must split evenly over devices and processes."""
-  devices = jax.device_count()
-  if global_batch % devices:
-    raise UserError(f'data.batch_size={global_batch} is not divisible by the {devices} '
-                     'devices; pick a multiple')
+def check_batch_size(global_batch: int, layout: Layout | None = None) -> int:
+  """The per-process batch; the global batch must split evenly over the 'data' axis (all
+  devices, unless a 'model' axis shares them) and over processes."""
+  data = layout.data if layout else jax.device_count()
+  if global_batch % data:
+    where = (f'the {data} devices of the mesh\'s data axis (sharding.model_axis='
+             f'{layout.model})' if layout and layout.model > 1 else f'the {data} devices')
+    raise UserError(f'data.batch_size={global_batch} is not divisible by {where}; pick a '
+                    'multiple')
   return global_batch // jax.process_count()
 
 
+def layout_summary(state: Any, mesh: Mesh) -> dict[str, Any]:
+  """How the placed arrays of `state` are really split: leaves, split leaves, and the bytes one
+  device holds against a full copy."""
+  leaves = [x for x in jax.tree.leaves(state) if isinstance(x, jax.Array)]
+  full = sum(math.prod(x.shape) * x.dtype.itemsize for x in leaves)
+  per_device = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in leaves)
+  return dict(mesh=dict(mesh.shape), leaves=len(leaves),
+              split_leaves=sum(1 for x in leaves if not x.sharding.is_fully_replicated),
+              bytes_replicated=int(full), bytes_per_device=int(per_device))
+
+
 class JitRunner:
-  """One jitted step over a Mesh: batch split on 'data', parameters replicated, state donated."""
+  """One jitted step over a Mesh: batch split on 'data', state laid out by `layout`, donated."""
   name = 'jit'
 
-  def __init__(self, mesh: Mesh | None = None):
-    self.mesh = mesh or make_mesh()
+  def __init__(self, layout: Layout | None = None):
+    self.layout = layout or Layout(data=jax.device_count())
+    self.mesh = make_mesh(self.layout)
     self.replicated = NamedSharding(self.mesh, P())
     self.batch_sharding = NamedSharding(self.mesh, P(DATA_AXIS))
 
+  def state_shardings(self, state: Any) -> Any:
+    """The NamedSharding of every leaf of `state` (host or device arrays)."""
+    return jax.tree.map(lambda spec: NamedSharding(self.mesh, spec),
+                        self.layout.tree_specs(state))
+
+  def abstract_state(self, state: Any) -> Any:
+    """Shapes, dtypes and target shardings: what a checkpoint is restored into (resharded)."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s),
+                        state, self.state_shardings(state))
+
   def place_state(self, state: Any) -> Any:
-    """Replicates host values on every device of every process."""
-    def put(x):
+    """Lays host values out on every device of every process; arrays already laid out stay."""
+    def put(x, sharding):
+      if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
+        return x
       host = np.asarray(x)
-      return jax.make_array_from_callback(host.shape, self.replicated, lambda index: host[index])
-    return jax.tree.map(put, state)
+      return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+    return jax.tree.map(put, state, self.state_shardings(state))
 
   def host_state(self, state: Any) -> Any:
-    """The state as ordinary (replicated) jax.Arrays, the layout checkpoints use."""
+    """The state as jax.Arrays in their global layout, which checkpoints save as is."""
     return state
 
   def global_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
             for k, v in local_batch.items()}
 
-  def compile_train(self, train_step: Callable) -> Callable:
-    step = jax.jit(train_step, out_shardings=(self.replicated, self.replicated),
-                   donate_argnums=0)
+  def compile_train(self, train_step: Callable, state: Any) -> Callable:
+    shardings = self.state_shardings(state)
+    step = jax.jit(train_step, in_shardings=(shardings, self.batch_sharding),
+                   out_shardings=(shardings, self.replicated), donate_argnums=0)
     return lambda state, batch: step(state, self.global_batch(batch))
 
-  def compile_eval(self, eval_step: Callable) -> Callable:
-    step = jax.jit(eval_step, out_shardings=self.replicated)
+  def compile_eval(self, eval_step: Callable, state: Any) -> Callable:
+    step = jax.jit(eval_step, in_shardings=(self.state_shardings(state), self.batch_sharding),
+                   out_shardings=self.replicated)
     return lambda state, batch: step(state, self.global_batch(batch))
 
   def metrics_to_host(self, metrics: Any) -> dict[str, float]:
@@ -119,6 +157,12 @@ class PmapRunner:
     self.local_devices = jax.local_devices()
     self.num_local = len(self.local_devices)
 
+  def abstract_state(self, state: Any) -> Any:
+    """Shapes and dtypes on the first local device; place_state then copies to the others."""
+    device = jax.sharding.SingleDeviceSharding(self.local_devices[0])
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=device),
+                        state)
+
   def place_state(self, state: Any) -> Any:
     return jax.tree.map(lambda x: jnp.broadcast_to(x, (self.num_local, *np.shape(x))), state)
 
@@ -128,11 +172,11 @@ class PmapRunner:
   def _split(self, local_batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: v.reshape(self.num_local, -1, *v.shape[1:]) for k, v in local_batch.items()}
 
-  def compile_train(self, train_step: Callable) -> Callable:
+  def compile_train(self, train_step: Callable, state: Any = None) -> Callable:
     step = jax.pmap(train_step, axis_name=PMAP_AXIS, donate_argnums=0)
     return lambda state, batch: step(state, self._split(batch))
 
-  def compile_eval(self, eval_step: Callable) -> Callable:
+  def compile_eval(self, eval_step: Callable, state: Any = None) -> Callable:
     step = jax.pmap(eval_step, axis_name=PMAP_AXIS)
     return lambda state, batch: step(state, self._split(batch))
 
@@ -140,9 +184,9 @@ class PmapRunner:
     return {k: float(v[0]) for k, v in jax.device_get(metrics).items()}
 
 
-def make_runner(kind: str) -> JitRunner | PmapRunner:
+def make_runner(kind: str, layout: Layout | None = None) -> JitRunner | PmapRunner:
   if kind == 'jit':
-    return JitRunner()
+    return JitRunner(layout)
   if kind == 'pmap':
     return PmapRunner()
   raise UserError(f"config.parallel must be 'jit' or 'pmap', got {kind!r}")

@@ -31,6 +31,7 @@ from tljax import (
   numerics,
   optim,
   parallel,
+  partition,
   preemption,
   steps,
 )
@@ -138,14 +139,14 @@ def create_train_state(config: ml_collections.ConfigDict):
   return model, params, batch_stats, groups, labels
 
 
-def _grad_accum_steps(config: ml_collections.ConfigDict) -> int:
-  """optim.grad_accum_steps, checked against the batch each device sees."""
+def _grad_accum_steps(config: ml_collections.ConfigDict, data_devices: int) -> int:
+  """optim.grad_accum_steps, checked against the batch each device of the 'data' axis sees."""
   count = int(config.optim.grad_accum_steps)
-  per_device = config.data.batch_size // jax.device_count()
+  per_device = config.data.batch_size // data_devices
   if count < 1 or per_device % count:
     raise UserError(f'optim.grad_accum_steps={count} must be >= 1 and divide the per-device '
                     f'batch of {per_device} (data.batch_size={config.data.batch_size} over '
-                    f'{jax.device_count()} devices)')
+                    f'{data_devices} devices)')
   return count
 
 
@@ -186,6 +187,13 @@ def _cached_features(config: ml_collections.ConfigDict, model, state: steps.Trai
   return features.FromCut(model, cut, image_shape), cache
 
 
+def _layout_line(rule: str, summary: dict[str, Any]) -> str:
+  mesh = ' x '.join(f'{name} {size}' for name, size in summary['mesh'].items())
+  return (f'state layout {rule!r} on mesh ({mesh}): {summary["split_leaves"]} of '
+          f'{summary["leaves"]} leaves split, {summary["bytes_per_device"]:,} bytes per device '
+          f'({summary["bytes_replicated"]:,} replicated)')
+
+
 def evaluate(eval_step, state, eval_data: pipeline.EvalBatches) -> dict[str, float]:
   sums: dict[str, float] = {}
   for batch in eval_data:
@@ -208,12 +216,15 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   """
   wall_start = time.time()
   config = resolve_config(config)
-  dtype, grad_accum_steps = config_lib.compute_dtype(config), _grad_accum_steps(config)
   process_index, process_count = jax.process_index(), jax.process_count()
   is_main = process_index == 0
 
   # Check: config, data, weights, workdir; nothing is written until all of them pass.
-  parallel.check_batch_size(config.data.batch_size)
+  layout = partition.make_layout(config.sharding, jax.device_count(), jax.local_device_count(),
+                                 config.parallel)
+  parallel.check_batch_size(config.data.batch_size, layout)
+  dtype = config_lib.compute_dtype(config)
+  grad_accum_steps = _grad_accum_steps(config, layout.data)
   source = source or sources.make_source(config.data)
   train_examples = pipeline.check_splits(source, config.data, config.model.num_classes)
   total_steps = config_lib.total_steps(config, train_examples)
@@ -246,32 +257,34 @@ def run(config: ml_collections.ConfigDict, workdir: str,
                            optimizer.init(params))
   step_check = numerics.StepCheck(numerics.leaf_paths(steps.split_trainable(params, mask)[0]))
 
-  # Restore: the latest complete checkpoint, if any.
-  ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
-  start_step = ckpt.latest_step() or 0
-  if start_step:
-    state = ckpt.restore(start_step, state)
-    logging.info('resumed from step %d', start_step)
-    if is_main:
-      print(f'resumed from checkpoint at step {start_step}', flush=True)
-
   # Mixed precision: the step computes in compute_dtype from float32 parameters.
   if dtype is not None and hasattr(model, 'dtype'):
     model = model.clone(dtype=jnp.dtype(dtype))
   train_model, feature_cache = model, None
-  if config.data.cache_features:
+  if config.data.cache_features:  # the frozen prefix is the same in every checkpoint
     train_model, feature_cache = _cached_features(config, model, state, labels, source,
                                                   dtype)
 
-  runner = parallel.make_runner(config.parallel)
+  # Restore the latest complete checkpoint, if any, straight into this run's layout (orbax
+  # reshards whatever process and device count wrote it), then place the state.
+  runner = parallel.make_runner(config.parallel, layout)
+  ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
+  start_step = ckpt.latest_step() or 0
+  if start_step:
+    state = ckpt.restore(start_step, runner.abstract_state(state))
+    logging.info('resumed from step %d', start_step)
+    if is_main:
+      print(f'resumed from checkpoint at step {start_step}', flush=True)
   state = runner.place_state(state)
+  if is_main and (layout.rule != 'replicate' or layout.model > 1):
+    print(_layout_line(layout.rule, parallel.layout_summary(state, runner.mesh)), flush=True)
   axis_name = parallel.PMAP_AXIS if runner.name == 'pmap' else None
   train_step = runner.compile_train(steps.make_train_step(
       train_model, optimizer, mask, schedule, config.seed, config.optim.label_smoothing,
       axis_name=axis_name, compute_dtype=dtype,
-      grad_accum_steps=grad_accum_steps))
+      grad_accum_steps=grad_accum_steps), state)
   eval_step = runner.compile_eval(steps.make_eval_step(
-      model, axis_name=axis_name, groupings=grouping_tables(config), compute_dtype=dtype))
+      model, axis_name=axis_name, groupings=grouping_tables(config), compute_dtype=dtype), state)
   if feature_cache is None:
     batches = pipeline.train_batches(source, config.data, start_step=start_step,
                                      seed=config.seed, process_index=process_index,
@@ -337,6 +350,8 @@ def run(config: ml_collections.ConfigDict, workdir: str,
       train_examples=train_examples,
       trainable_params=trainable, frozen_params=frozen, optimizer_state_leaves=opt_leaves,
       optimizer_state_bytes=opt_bytes, parallel=runner.name, devices=jax.device_count(),
+      sharding=dict(rule=layout.rule, **parallel.layout_summary(state, runner.mesh))
+      if runner.name == 'jit' else None,
       processes=process_count, compute_dtype=config.compute_dtype,
       feature_cache=None if feature_cache is None else feature_cache.summary(),
       skipped_images={split: len(files) for split, files in skipped.items()})

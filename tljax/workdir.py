@@ -25,6 +25,8 @@ RESUMABLE_CHANGES = (
     'total_steps', 'total_epochs', 'log_every', 'eval_every', 'checkpoint_every',
     'keep_checkpoints', 'parallel', 'data.path', 'data.data_dir', 'data.cache_decoded',
     'data.eval_batch_size', 'data.skip_corrupt_images',
+    # Layout only: checkpoints are resharded on restore.
+    'sharding.rule', 'sharding.min_size_mb', 'sharding.model_axis',
 )
 RUN_FILES = (CONFIG_FILE, 'checkpoints', 'metrics.jsonl', 'results.json')
 

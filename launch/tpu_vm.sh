@@ -1,0 +1,213 @@
+#!/usr/bin/env bash
+# The life of a TPU VM job with gcloud: create, copy the code, install, run on every worker, tail
+# the logs, delete. Every host of a slice runs the same command; tljax.train --distributed calls
+# jax.distributed.initialize(), which reads the slice's topology from the TPU metadata.
+#
+#   launch/tpu_vm.sh [--dry-run] [OPTIONS] COMMAND [ARGS]
+#
+# Commands:
+#   create                         create the TPU VM (add --spot for a Spot VM)
+#   setup                          copy this checkout (git archive of HEAD plus uncommitted edits
+#                                  of tracked files), or clone --repo at --ref, to every worker;
+#                                  install jax[tpu] and tljax in ~/tljax/.venv on every worker
+#   run CONFIG WORKDIR [--config.key=value ...]
+#                                  start training on --worker=all in the background; each worker
+#                                  logs to its own ~/tljax-logs/NAME.log
+#   run-line 'python -m tljax.train ...'
+#                                  the same for one line of `tljax.ablate --print-commands`
+#   logs [--follow]                tail every worker's log, each line prefixed with its host
+#   delete                         delete the TPU VM
+#   up CONFIG WORKDIR [...]        create, setup and run
+#   sweep FILE                     one TPU VM per line of `tljax.ablate --print-commands` output:
+#                                  NAME-1, NAME-2, ... each created, set up and started
+#
+# Options (or the environment variable in brackets):
+#   --name NAME [TPU_NAME, default tljax]   --zone ZONE [ZONE, default us-central2-b]
+#   --project PROJECT [PROJECT]             --accelerator TYPE [ACCELERATOR, default v4-8]
+#   --version RUNTIME [RUNTIME_VERSION; default by accelerator generation]
+#   --spot                                  --repo URL, --ref REV [default main]: clone instead
+#   --dry-run: print every command (gcloud, git) instead of running it.
+#
+# On a slice of several hosts WORKDIR must be a directory every worker sees (an NFS or
+# Filestore mount): orbax writes each host's shards of a checkpoint there.
+set -euo pipefail
+
+dry_run=0
+name=${TPU_NAME:-tljax}
+zone=${ZONE:-us-central2-b}
+project=${PROJECT:-}
+accelerator=${ACCELERATOR:-v4-8}
+version=${RUNTIME_VERSION:-}
+spot=0
+repo=''
+ref=main
+here=$(cd "$(dirname "$0")/.." && pwd)
+
+usage() {
+  sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//' >&2
+  exit 2
+}
+
+# One line a shell can run again: words quoted only where they need it (--flag='value').
+quote() {
+  local word flag words=()
+  for word in "$@"; do
+    flag=''
+    if [[ $word =~ ^(--[A-Za-z0-9_.-]+=)(.*)$ ]]; then
+      flag=${BASH_REMATCH[1]}
+      word=${BASH_REMATCH[2]}
+    fi
+    if [[ $word =~ ^[A-Za-z0-9_./=:,@%+~-]*$ ]]; then
+      words+=("$flag$word")
+    elif [[ $word == *\'* && $word != *[\"\$\`\\!]* ]]; then
+      words+=("$flag\"$word\"")
+    else
+      words+=("$flag'${word//\'/\'\\\'\'}'")
+    fi
+  done
+  echo "${words[*]}"
+}
+
+# Runs a command, or prints it under --dry-run.
+x() {
+  if [ "$dry_run" = 1 ]; then
+    quote "$@"
+  else
+    "$@"
+  fi
+}
+
+runtime_version() {
+  if [ -n "$version" ]; then
+    echo "$version"
+    return
+  fi
+  case $accelerator in
+    v5litepod-*|v5e-*) echo v2-alpha-tpuv5-lite ;;
+    v5p-*) echo v2-alpha-tpuv5 ;;
+    v6e-*) echo v2-alpha-tpuv6e ;;
+    *) echo tpu-ubuntu2204-base ;;
+  esac
+}
+
+location() {
+  echo "--zone=$zone"
+  if [ -n "$project" ]; then echo "--project=$project"; fi
+}
+
+tpu() {  # gcloud compute tpus tpu-vm SUBCOMMAND ... with this VM's zone and project
+  local subcommand=$1
+  shift
+  local where
+  mapfile -t where < <(location)
+  x gcloud compute tpus tpu-vm "$subcommand" "$@" "${where[@]}"
+}
+
+on_all_workers() {
+  tpu ssh "$name" --worker=all --command="$1"
+}
+
+create() {
+  local extra=()
+  if [ "$spot" = 1 ]; then extra+=(--spot); fi
+  tpu create "$name" "--accelerator-type=$accelerator" "--version=$(runtime_version)" \
+    "${extra[@]}"
+}
+
+setup() {
+  if [ -n "$repo" ]; then
+    on_all_workers "rm -rf ~/tljax && git clone --quiet $(quote "$repo") ~/tljax && \
+git -C ~/tljax checkout --quiet $(quote "$ref")"
+  else
+    local archive tree
+    archive=${TMPDIR:-/tmp}/tljax-$name.tar.gz
+    tree=$(git -C "$here" stash create 2>/dev/null || true)
+    x git -C "$here" archive --format=tar.gz -o "$archive" "${tree:-HEAD}"
+    tpu scp "$archive" "$name:~/tljax.tar.gz" --worker=all
+    on_all_workers "rm -rf ~/tljax && mkdir -p ~/tljax && tar -xzf ~/tljax.tar.gz -C ~/tljax"
+  fi
+  on_all_workers "python3 -m venv ~/tljax/.venv && ~/tljax/.venv/bin/pip install -q -U pip && \
+~/tljax/.venv/bin/pip install -q 'jax[tpu]' -e ~/tljax"
+}
+
+# Starts `python -m tljax.train ARGS --distributed` on every worker, detached from the ssh session.
+start() {
+  on_all_workers "mkdir -p ~/tljax-logs && cd ~/tljax && nohup .venv/bin/python \
+$(quote -m tljax.train "$@" --distributed) >~/tljax-logs/$name.log 2>&1 </dev/null &"
+}
+
+run() {
+  if [ "$#" -lt 2 ]; then usage; fi
+  start "--config=$1" "--workdir=$2" "${@:3}"
+}
+
+run_line() {
+  # The line is shell-quoted by tljax.ablate; split it as a shell would, without running it.
+  local words
+  mapfile -d '' -t words < <(python3 -c \
+    'import shlex, sys; sys.stdout.write("".join(w + "\0" for w in shlex.split(sys.argv[1])))' "$1")
+  if [ "${#words[@]}" -lt 3 ] || [ "${words[1]}" != -m ] || [ "${words[2]}" != tljax.train ]; then
+    echo "error: not a 'python -m tljax.train ...' line: $1" >&2
+    exit 2
+  fi
+  start "${words[@]:3}"
+}
+
+logs() {
+  local tail_args='-n 50'
+  if [ "${1:-}" = --follow ]; then tail_args='-n 50 -F'; fi
+  on_all_workers "tail $tail_args ~/tljax-logs/$name.log | sed \"s/^/[\$(hostname)] /\""
+}
+
+delete() {
+  tpu delete "$name" --quiet
+}
+
+sweep() {
+  if [ "$#" != 1 ] || [ ! -f "$1" ]; then
+    echo "error: sweep needs the file that tljax.ablate --print-commands wrote, got: $*" >&2
+    exit 2
+  fi
+  local base=$name line index=0
+  while IFS= read -r line || [ -n "$line" ]; do
+    if [ -z "${line// /}" ]; then continue; fi
+    index=$((index + 1))
+    name=$base-$index
+    create
+    setup
+    run_line "$line"
+  done <"$1"
+  name=$base
+}
+
+while [ "$#" -gt 0 ]; do
+  case $1 in
+    --dry-run) dry_run=1 ;;
+    --spot) spot=1 ;;
+    --name) name=$2; shift ;;
+    --zone) zone=$2; shift ;;
+    --project) project=$2; shift ;;
+    --accelerator) accelerator=$2; shift ;;
+    --version) version=$2; shift ;;
+    --repo) repo=$2; shift ;;
+    --ref) ref=$2; shift ;;
+    -h|--help) usage ;;
+    -*) echo "error: unknown option $1" >&2; exit 2 ;;
+    *) break ;;
+  esac
+  shift
+done
+if [ "$#" -lt 1 ]; then usage; fi
+command=$1
+shift
+case $command in
+  create) create ;;
+  setup) setup ;;
+  run) run "$@" ;;
+  run-line) if [ "$#" != 1 ]; then usage; fi; run_line "$1" ;;
+  logs) logs "$@" ;;
+  delete) delete ;;
+  up) create; setup; run "$@" ;;
+  sweep) sweep "$@" ;;
+  *) echo "error: unknown command $command" >&2; usage ;;
+esac
