@@ -44,6 +44,7 @@ bench: install
 	$(PY) -m benchmarks.epoch
 	$(PY) -m benchmarks.compile_cache
 	$(PY) -m benchmarks.input_pipeline
+	$(PY) -m benchmarks.sharding
 	$(PY) -m benchmarks.tables --backend $(BACKEND)
 
 lint: install

@@ -79,6 +79,26 @@ def profile_table(result: dict) -> str:
   return _table(['model', 'layer kind', 'layers', 'XLA ms', 'torch ms', 'XLA/torch'], rows)
 
 
+def sharding_table(result: dict) -> str:
+  rows = [[r['model'], r['layout'], ' x '.join(f'{k} {v}' for k, v in r['mesh'].items()),
+           f"{r['split_leaves']}/{r['leaves']}", _mb(r['state_bytes_replicated']),
+           _mb(r['state_bytes_per_device']),
+           f"{r['state_bytes_replicated'] / r['state_bytes_per_device']:.2f}",
+           _mb(r['step_bytes_per_device']), f"{r['compile_s']:.1f}", f"{r['step_s'] * 1e3:.0f}"]
+          for r in result['rows']]
+  m = result['machine']
+  return '\n'.join([
+      f"Full fine-tuning with AdamW, batch {result['batch']}, {result['image_size']} px, "
+      f"{result['devices']} devices ({m['backend']}; on CPU simulated, so the step times share "
+      f"{m['cpu_count']} cores and say little). FSDP rows split leaves of at least 4 MiB "
+      "(sharding.min_size_mb's default) unless the layout names another size. State MiB "
+      "are read off the placed arrays; step MiB are XLA's buffers for one device's program "
+      '(arguments + outputs + temporaries - donated).', '',
+      _table(['model', 'layout', 'mesh', 'split leaves', 'state MiB (one copy)',
+              'state MiB per device', 'saving', 'step MiB per device', 'compile s', 'step ms'],
+             rows)])
+
+
 def render(backend: str) -> str:
   parts = []
   finetune = _load('finetune', backend)
@@ -111,6 +131,10 @@ def render(backend: str) -> str:
               f"({100 * cache['second_over_first']:.0f}% of the first); tracing and lowering "
               f"before it, which the cache cannot skip, {cache['first_lower_s']:.1f} s and "
               f"{cache['second_lower_s']:.1f} s. Cache {cache['cache_bytes'] / 2**20:.1f} MiB."]
+  layouts = _load('sharding', backend)
+  if layouts:
+    parts += ['', '### Memory per device: replicated, FSDP and 2-D layouts', '',
+              sharding_table(layouts)]
   data = _load('input_pipeline', backend)
   if data:
     parts += ['', '### Input pipeline alone', '',

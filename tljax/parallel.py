@@ -134,10 +134,14 @@ class JitRunner:
     return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
             for k, v in local_batch.items()}
 
-  def compile_train(self, train_step: Callable, state: Any) -> Callable:
+  def jit_train(self, train_step: Callable, state: Any) -> Callable:
+    """The jitted step on global arrays: state in and out in its layout, donated."""
     shardings = self.state_shardings(state)
-    step = jax.jit(train_step, in_shardings=(shardings, self.batch_sharding),
+    return jax.jit(train_step, in_shardings=(shardings, self.batch_sharding),
                    out_shardings=(shardings, self.replicated), donate_argnums=0)
+
+  def compile_train(self, train_step: Callable, state: Any) -> Callable:
+    step = self.jit_train(train_step, state)
     return lambda state, batch: step(state, self.global_batch(batch))
 
   def compile_eval(self, eval_step: Callable, state: Any) -> Callable:
