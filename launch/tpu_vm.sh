@@ -43,9 +43,9 @@ repo=''
 ref=main
 here=$(cd "$(dirname "$0")/.." && pwd)
 
-usage() {
+usage() {  # exit status $1 (default 2)
   sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//' >&2
-  exit 2
+  exit "${1:-2}"
 }
 
 # One line a shell can run again: words quoted only where they need it (--flag='value').
@@ -191,7 +191,7 @@ while [ "$#" -gt 0 ]; do
     --version) version=$2; shift ;;
     --repo) repo=$2; shift ;;
     --ref) ref=$2; shift ;;
-    -h|--help) usage ;;
+    -h|--help) usage 0 ;;
     -*) echo "error: unknown option $1" >&2; exit 2 ;;
     *) break ;;
   esac

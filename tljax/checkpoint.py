@@ -45,7 +45,8 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def restore(self, step: int, like: Any) -> Any:
-    """Restores `step` into the structure, shapes, dtypes and shardings of `like`."""
+    """Restores `step` into the structure, shapes, dtypes and shardings of `like` (arrays or
+    jax.ShapeDtypeStructs); orbax reshards whatever topology wrote it."""
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
