@@ -43,8 +43,10 @@ repo=''
 ref=main
 here=$(cd "$(dirname "$0")/.." && pwd)
 
-usage() {  # exit status $1 (default 2)
-  sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//' >&2
+usage() {  # --help: to stdout, exit 0; a wrong call: to stderr, exit 2
+  local text
+  text=$(sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//')
+  if [ "${1:-2}" = 0 ]; then echo "$text"; else echo "$text" >&2; fi
   exit "${1:-2}"
 }
 

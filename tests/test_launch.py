@@ -26,6 +26,8 @@ def _shellcheck() -> str:
 
 def test_shellcheck_passes_on_every_launch_script():
   assert {'local.sh', 'multiprocess.sh', 'tpu_vm.sh', 'slurm.sbatch'} <= set(SCRIPTS)
+  not_executable = [name for name in SCRIPTS if not os.access(os.path.join(LAUNCH, name), os.X_OK)]
+  assert not not_executable, f'the README runs these directly: {not_executable}'
   result = subprocess.run([_shellcheck(), '--shell=bash', '--severity=style',
                            *(os.path.join(LAUNCH, name) for name in SCRIPTS)],
                           capture_output=True, text=True)
@@ -40,7 +42,7 @@ def _fake(bin_dir, name, body):
 
 
 def _tpu_vm(args, tmp_path, env=None):
-  return subprocess.run(['bash', os.path.join(LAUNCH, 'tpu_vm.sh'), *args], cwd=tmp_path,
+  return subprocess.run([os.path.join(LAUNCH, 'tpu_vm.sh'), *args], cwd=tmp_path,
                         capture_output=True, text=True, timeout=60,
                         env={**os.environ, 'TMPDIR': str(tmp_path), **(env or {})})
 

@@ -119,7 +119,9 @@ def test_layouts_that_cannot_work_are_refused_naming_the_key():
   assert make_layout({**good, 'model_axis': 2}, 8, 4) == Layout('fsdp', 4.0, 4, 2)
   for bad, match in (({**good, 'rule': 'zero3'}, 'sharding.rule'),
                      ({**good, 'model_axis': 3}, r'sharding.model_axis=3.*divide the 4'),
-                     ({**good, 'min_size_mb': -1.0}, 'sharding.min_size_mb')):
+                     ({**good, 'min_size_mb': -1.0}, 'sharding.min_size_mb'),
+                     ({**good, 'min_size_mb': '4'}, 'sharding.min_size_mb'),
+                     ({**good, 'model_axis': 2.0}, 'sharding.model_axis')):
     with pytest.raises(UserError, match=match):
       make_layout(bad, 8, 4)
   with pytest.raises(UserError, match="need parallel='jit'"):
@@ -163,14 +165,19 @@ def _multiprocess(processes, devices_per_process, workdir, args):
 
 
 def test_checkpoints_move_between_two_processes_and_one(tmp_path, npz_path):
-  """1 x 8 devices all the way; 2 x 2 then 1 x 8; 1 x 8 then 2 x 4 on a 2-D mesh: the same
-  parameters. Checkpoints written by every process of one topology restore into another."""
+  """1 x 8 devices all the way; 2 x 4 all the way; 2 x 2 then 1 x 8; 1 x 8 then 2 x 4 on a 2-D
+  mesh: the same parameters. Checkpoints written by every process of one topology restore into
+  another."""
   args = [f'--config.data.path={npz_path}', '--config.optim.schedule.name=constant',
           '--config.sharding.rule=fsdp', '--config.sharding.min_size_mb=0']
   first_half, second_half = ['--config.total_steps=3'], ['--config.total_steps=6']
   reference = _train_cli(tmp_path / 'ref', args + second_half, ['--cpu_devices=8'])
   assert reference.returncode == 0, reference.stderr[-3000:]
   expected = read_tljax_workdir(str(tmp_path / 'ref'))
+
+  # 2 processes x 4 devices from the first step to the last.
+  _multiprocess(2, 4, tmp_path / 'two', args + second_half)
+  _assert_same_parameters(expected, read_tljax_workdir(str(tmp_path / 'two')))
 
   # Written by 2 processes x 2 devices (FSDP over 4), resumed by 1 process x 8 (replicated).
   _multiprocess(2, 2, tmp_path / 'a', args + first_half)

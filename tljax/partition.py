@@ -66,11 +66,13 @@ class Layout:
 def make_layout(sharding: Any, device_count: int, local_device_count: int,
                 parallel: str = 'jit') -> Layout:
   """The Layout a config's `sharding` section asks for, checked against the devices."""
-  rule, model = sharding['rule'], int(sharding['model_axis'])
+  rule, model, min_size_mb = sharding['rule'], sharding['model_axis'], sharding['min_size_mb']
   if rule not in RULES:
     raise UserError(f'sharding.rule must be one of {RULES}, got {rule!r}')
-  if float(sharding['min_size_mb']) < 0:
-    raise UserError(f'sharding.min_size_mb must be >= 0, got {sharding["min_size_mb"]}')
+  if isinstance(min_size_mb, bool) or not isinstance(min_size_mb, int | float) or min_size_mb < 0:
+    raise UserError(f'sharding.min_size_mb must be a number >= 0, got {min_size_mb!r}')
+  if isinstance(model, bool) or not isinstance(model, int):
+    raise UserError(f'sharding.model_axis must be an integer, got {model!r}')
   if model < 1 or local_device_count % model:
     raise UserError(f'sharding.model_axis={model} must be >= 1 and divide the '
                     f'{local_device_count} devices of each process (a model slice never spans '
@@ -78,4 +80,4 @@ def make_layout(sharding: Any, device_count: int, local_device_count: int,
   if parallel != 'jit' and (rule != 'replicate' or model != 1):
     raise UserError(f"sharding.rule={rule!r} and sharding.model_axis={model} need "
                     f"parallel='jit' (pmap replicates the state), got parallel={parallel!r}")
-  return Layout(rule, float(sharding['min_size_mb']), device_count // model, model)
+  return Layout(rule, float(min_size_mb), device_count // model, model)
