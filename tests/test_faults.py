@@ -19,7 +19,7 @@ import pytest
 from conftest import REPO, make_arrays, small_config, snapshot
 
 from tljax import train
-from tljax.checkpoint import TMP_SUFFIX
+from tljax.checkpoint import TMP_SUFFIX, Checkpointer
 from tljax.data.sources import ArraySource
 from tljax.errors import PREEMPTED_EXIT_CODE
 from tljax.numerics import NonFiniteError
@@ -228,6 +228,22 @@ def test_full_disk_during_a_save_keeps_the_checkpoints(tmp_path, npz_path):
   assert 'could not write the checkpoint of step 9' in errors[0]
   assert 'File too large' in errors[0] and 'Complete checkpoints kept: 3, 6' in errors[0]
   assert snapshot(workdir / 'checkpoints') == before  # no partial step 9 left either
+
+
+def test_a_half_written_checkpoint_is_gone_before_the_next_start_goes_on(tmp_path):
+  tree = {'w': np.arange(6, dtype=np.float32)}
+  ckpt = Checkpointer(str(tmp_path))
+  ckpt.save(3, tree)
+  ckpt.close()
+  directory = tmp_path / 'checkpoints'
+  partial = directory / f'6{TMP_SUFFIX}-1763900000'  # a save of step 6 killed mid-write
+  partial.mkdir()
+  (partial / 'shard').write_bytes(b'half')
+  ckpt = Checkpointer(str(tmp_path))  # synchronously: nothing runs beside a background delete
+  assert sorted(os.listdir(directory)) == ['3']
+  assert ckpt.latest_step() == 3
+  np.testing.assert_array_equal(ckpt.restore(3, tree)['w'], tree['w'])
+  ckpt.close()
 
 
 def test_divergence_stops_at_the_first_nonfinite_step_and_saves_none(tmp_path):

@@ -34,9 +34,11 @@ def has_checkpoints(workdir: str) -> bool:
 class Checkpointer:
   def __init__(self, workdir: str, keep: int = 3):
     self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
-    # cleanup_tmp_directories: a save cut short by a killed process is deleted on the next start.
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           cleanup_tmp_directories=True)
+    # A save cut short by a killed process is deleted here, before anything else runs. (Orbax's
+    # cleanup_tmp_directories does it in a background thread that can overlap the data
+    # pipeline's start, where tfds.testing.mock_data redirects every file path process-wide.)
+    self._remove_partial()
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
     self.pending_step: int | None = None  # the save that may still be writing
     self.failed = False
