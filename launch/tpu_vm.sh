@@ -42,6 +42,8 @@ spot=0
 repo=''
 ref=main
 here=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source-path=SCRIPTDIR source=_train_line.sh
+. "$here/launch/_train_line.sh"
 
 usage() {  # --help: to stdout, exit 0; a wrong call: to stderr, exit 2
   local text
@@ -143,16 +145,10 @@ run() {
   start "--config=$1" "--workdir=$2" "${@:3}"
 }
 
-run_line() {
-  # The line is shell-quoted by tljax.ablate; split it as a shell would, without running it.
-  local words
-  mapfile -d '' -t words < <(python3 -c \
-    'import shlex, sys; sys.stdout.write("".join(w + "\0" for w in shlex.split(sys.argv[1])))' "$1")
-  if [ "${#words[@]}" -lt 3 ] || [ "${words[1]}" != -m ] || [ "${words[2]}" != tljax.train ]; then
-    echo "error: not a 'python -m tljax.train ...' line: $1" >&2
-    exit 2
-  fi
-  start "${words[@]:3}"
+run_line() {  # LINE [WHERE]
+  local train_args
+  train_line_args python3 "$1" "${2:-the run-line argument}"
+  start "${train_args[@]}"
 }
 
 logs() {
@@ -170,15 +166,19 @@ sweep() {
     echo "error: sweep needs the file that tljax.ablate --print-commands wrote, got: $*" >&2
     exit 2
   fi
-  local base=$name line index=0
+  local base=$name line lines=() index train_args
   while IFS= read -r line || [ -n "$line" ]; do
-    if [ -z "${line// /}" ]; then continue; fi
-    index=$((index + 1))
-    name=$base-$index
+    if [ -n "${line// /}" ]; then lines+=("$line"); fi
+  done <"$1"
+  for index in "${!lines[@]}"; do  # every line checked before the first VM is created
+    train_line_args python3 "${lines[index]}" "line $((index + 1)) of $1"
+  done
+  for index in "${!lines[@]}"; do
+    name=$base-$((index + 1))
     create
     setup
-    run_line "$line"
-  done <"$1"
+    run_line "${lines[index]}"
+  done
   name=$base
 }
 

@@ -26,9 +26,10 @@ def _shellcheck() -> str:
 
 def test_shellcheck_passes_on_every_launch_script():
   assert {'local.sh', 'multiprocess.sh', 'tpu_vm.sh', 'slurm.sbatch'} <= set(SCRIPTS)
-  not_executable = [name for name in SCRIPTS if not os.access(os.path.join(LAUNCH, name), os.X_OK)]
+  not_executable = [name for name in SCRIPTS if not name.startswith('_')  # _*: sourced
+                    and not os.access(os.path.join(LAUNCH, name), os.X_OK)]
   assert not not_executable, f'the README runs these directly: {not_executable}'
-  result = subprocess.run([_shellcheck(), '--shell=bash', '--severity=style',
+  result = subprocess.run([_shellcheck(), '--shell=bash', '--severity=style', '--external-sources',
                            *(os.path.join(LAUNCH, name) for name in SCRIPTS)],
                           capture_output=True, text=True)
   assert result.returncode == 0, result.stdout + result.stderr
@@ -111,6 +112,11 @@ def test_tpu_vm_refuses_what_it_cannot_run(tmp_path):
   result = _tpu_vm(['--dry-run', 'run-line', 'rm -rf /'], tmp_path)
   assert result.returncode == 2 and "not a 'python -m tljax.train ...' line" in result.stderr
   assert _tpu_vm(['--dry-run', 'reboot'], tmp_path).returncode == 2
+  sweep = tmp_path / 'sweep.txt'
+  sweep.write_text('python -m tljax.train --config=a.py --workdir=/w/1\n\nrm -rf "/\n')
+  result = _tpu_vm(['--dry-run', '--name', 'abl', 'sweep', str(sweep)], tmp_path)
+  assert result.returncode == 2 and f'line 2 of {sweep} is not' in result.stderr
+  assert result.stdout == ''  # refused before the first VM: no create for line 1 either
   assert _tpu_vm(['--dry-run', '--accelerator', 'v5litepod-16', 'create'],
                  tmp_path).stdout.split()[7] == '--version=v2-alpha-tpuv5-lite'
 
