@@ -51,7 +51,7 @@ def test_pmap_fsdp_and_2d_layouts_train_to_the_same_parameters_as_replicated_jit
   assert any(path.startswith('batch_stats/') for path in finals['replicated'])
   for name in ('pmap', 'fsdp', 'fsdp_2d'):
     _assert_same_parameters(finals['replicated'], finals[name])
-  # The live arrays at the end of each run, as measured from their shardings.
+  # The placed state of each run, as measured from its arrays' shardings.
   assert results['replicated']['sharding']['split_leaves'] == 0
   assert results['fsdp']['sharding']['mesh'] == {'data': 8}
   assert results['fsdp_2d']['sharding']['mesh'] == {'data': 4, 'model': 2}

@@ -187,9 +187,9 @@ def _cached_features(config: ml_collections.ConfigDict, model, state: steps.Trai
   return features.FromCut(model, cut, image_shape), cache
 
 
-def _layout_line(rule: str, summary: dict[str, Any]) -> str:
+def _layout_line(summary: dict[str, Any]) -> str:
   mesh = ' x '.join(f'{name} {size}' for name, size in summary['mesh'].items())
-  return (f'state layout {rule!r} on mesh ({mesh}): {summary["split_leaves"]} of '
+  return (f'state layout {summary["rule"]!r} on mesh ({mesh}): {summary["split_leaves"]} of '
           f'{summary["leaves"]} leaves split, {summary["bytes_per_device"]:,} bytes per device '
           f'({summary["bytes_replicated"]:,} replicated)')
 
@@ -276,8 +276,11 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     if is_main:
       print(f'resumed from checkpoint at step {start_step}', flush=True)
   state = runner.place_state(state)
+  # Read off the placed arrays; the step's out_shardings keep this layout to the end.
+  sharding = (dict(rule=layout.rule, **parallel.layout_summary(state, runner.mesh))
+              if runner.name == 'jit' else None)
   if is_main and (layout.rule != 'replicate' or layout.model > 1):
-    print(_layout_line(layout.rule, parallel.layout_summary(state, runner.mesh)), flush=True)
+    print(_layout_line(sharding), flush=True)
   axis_name = parallel.PMAP_AXIS if runner.name == 'pmap' else None
   train_step = runner.compile_train(steps.make_train_step(
       train_model, optimizer, mask, schedule, config.seed, config.optim.label_smoothing,
@@ -350,8 +353,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
       train_examples=train_examples,
       trainable_params=trainable, frozen_params=frozen, optimizer_state_leaves=opt_leaves,
       optimizer_state_bytes=opt_bytes, parallel=runner.name, devices=jax.device_count(),
-      sharding=dict(rule=layout.rule, **parallel.layout_summary(state, runner.mesh))
-      if runner.name == 'jit' else None,
+      sharding=sharding,
       processes=process_count, compute_dtype=config.compute_dtype,
       feature_cache=None if feature_cache is None else feature_cache.summary(),
       skipped_images={split: len(files) for split, files in skipped.items()})
