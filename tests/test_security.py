@@ -27,7 +27,7 @@ def _object_npz(path, marker, prefix=''):
 def test_npz_weights_holding_object_arrays_are_refused(tmp_path):
   path, marker = tmp_path / 'weights.npz', tmp_path / 'pwned'
   _object_npz(path, marker)
-  with pytest.raises(WeightsError, match=f'{path}: cannot read without pickle'):
+  with pytest.raises(WeightsError, match=f'{path}: cannot be read as plain arrays: .*object arrays would need pickle'):
     read.read_file(str(path))
   assert not marker.exists()
 
@@ -36,7 +36,7 @@ def test_npz_dataset_holding_object_arrays_is_refused(tmp_path):
   path, marker = tmp_path / 'data.npz', tmp_path / 'pwned'
   _object_npz(path, marker, prefix='train_')
   with pytest.raises(DataError, match=f"npz file '{path}' \\(data.path\\) cannot be read as "
-                                      'plain arrays: Object arrays cannot be loaded'):
+                                      'plain arrays: .*object arrays would need pickle'):
     ArraySource.from_npz(str(path))
   assert not marker.exists()
 

@@ -130,7 +130,7 @@ def test_zoo_package_files_match_their_pinned_sha256():
 def test_npz_reader_refuses_object_arrays(tmp_path):
   path = tmp_path / 'objects.npz'
   np.savez(path, bad=np.array([{'a': 1}], dtype=object))
-  with pytest.raises(WeightsError, match='cannot read without pickle'):
+  with pytest.raises(WeightsError, match='object arrays would need pickle'):
     read.read_file(str(path))
 
 

@@ -11,13 +11,13 @@ import gzip
 import importlib.util
 import os
 import struct
-import zipfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
 
+from tljax import npz
 from tljax.data.tf_quiet import tf  # TF with accelerators hidden
 from tljax.errors import UserError
 
@@ -198,23 +198,29 @@ class ArraySource(Source):
 
   def __init__(self, splits: Mapping[str, tuple[np.ndarray, np.ndarray]],
                num_classes: int | None = None):
-    self.splits = {k: (np.asarray(x), np.asarray(y, np.int32)) for k, (x, y) in splits.items()}
+    self.splits = {}
+    for name, (images, labels) in splits.items():
+      images, labels = np.asarray(images), np.asarray(labels)
+      if images.dtype != np.uint8 or images.ndim not in (3, 4):
+        raise DataError(f'images of split {name!r} must be uint8 [N, H, W] or [N, H, W, C], '
+                        f'got {images.dtype} {list(images.shape)}')
+      if labels.ndim != 1 or labels.dtype.kind not in 'iu' or len(labels) != len(images):
+        raise DataError(f'labels of split {name!r} must be {len(images)} integers (one per '
+                        f'image), got {labels.dtype} {list(labels.shape)}')
+      self.splits[name] = (images, labels.astype(np.int32))
     self.num_classes = num_classes
 
   @classmethod
   def from_npz(cls, path: str) -> ArraySource:
-    """Reads `<split>_images` / `<split>_labels` arrays; object arrays are refused."""
-    if not os.path.isfile(path):
-      raise DataError(f'npz file {path!r} (data.path) does not exist')
-    try:
-      with np.load(path, allow_pickle=False) as npz:
-        names = {k.rsplit('_', 1)[0] for k in npz.files if k.endswith(('_images', '_labels'))}
-        splits = {n: (npz[f'{n}_images'], npz[f'{n}_labels']) for n in sorted(names)}
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-      # ValueError: object arrays, which only pickle could load, are refused.
-      raise DataError(f'npz file {path!r} (data.path) cannot be read as plain arrays: '
-                      f'{e}') from None
-    return cls(splits)
+    """Reads `<split>_images` / `<split>_labels` arrays; anything but plain arrays is refused."""
+    arrays = npz.read(path, DataError, f'npz file {path!r} (data.path)')
+    names = {k.rsplit('_', 1)[0] for k in arrays if k.endswith(('_images', '_labels'))}
+    missing = [f'{n}_{kind}' for n in sorted(names) for kind in ('images', 'labels')
+               if f'{n}_{kind}' not in arrays]
+    if missing:
+      raise DataError(f'npz file {path!r} (data.path) lacks {", ".join(missing)}; each split '
+                      'needs <split>_images and <split>_labels')
+    return cls({n: (arrays[f'{n}_images'], arrays[f'{n}_labels']) for n in sorted(names)})
 
   def _split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
     if split not in self.splits:

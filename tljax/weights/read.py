@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import zipfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,6 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
+from tljax import npz
 from tljax.weights import torch_file
 from tljax.weights.errors import WeightsError
 
@@ -50,13 +50,7 @@ def read_tljax_workdir(path: str) -> dict[str, np.ndarray]:
 
 def read_npz(path: str) -> dict[str, np.ndarray]:
   """big_vision / vit_jax / BiT `.npz`: keys are already `/`-joined flax paths."""
-  try:
-    with np.load(path, allow_pickle=False) as data:
-      return {k: data[k] for k in data.files}
-  except ValueError as e:  # object arrays need pickle: refused
-    raise WeightsError(f'{path}: cannot read without pickle ({e})') from None
-  except (OSError, EOFError, zipfile.BadZipFile) as e:
-    raise WeightsError(f'{path}: truncated or not an npz archive ({e})') from None
+  return npz.read(path, WeightsError, f'{path}:')
 
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
@@ -69,16 +63,24 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
     raise WeightsError(f'{path}: not a readable safetensors file ({e})') from None
 
 
-def _flatten_tensors(tree: Any, prefix: str = '') -> dict[str, np.ndarray]:
-  if isinstance(tree, np.ndarray):
-    return {prefix: tree}
-  if isinstance(tree, Mapping):
-    out = {}
-    for key, value in tree.items():
-      name = str(key).replace('.', '/')
-      out.update(_flatten_tensors(value, f'{prefix}/{name}' if prefix else name))
-    return out
-  return {}  # numbers, strings: training metadata, not weights
+def _flatten_tensors(tree: Any, source: str) -> dict[str, np.ndarray]:
+  """`{a/b/c: array}` of the nested mappings in `tree` (numbers, strings and lists are
+  training metadata, not weights); a hostile file's shared subtrees cannot blow it up."""
+  out: dict[str, np.ndarray] = {}
+  stack, visited = [('', tree)], 0
+  while stack:
+    prefix, node = stack.pop()
+    visited += 1
+    if visited > torch_file.MAX_OBJECTS:
+      raise WeightsError(f'{source}: more than {torch_file.MAX_OBJECTS:,} entries; not a '
+                         'weights file')
+    if isinstance(node, np.ndarray):
+      out[prefix] = node
+    elif isinstance(node, Mapping):
+      children = [(f'{prefix}/{name}' if prefix else name, value)
+                  for name, value in ((str(k).replace('.', '/'), v) for k, v in node.items())]
+      stack.extend(reversed(children))  # popped in the file's order
+  return out
 
 
 def read_torch(path: str) -> dict[str, np.ndarray]:
@@ -88,7 +90,7 @@ def read_torch(path: str) -> dict[str, np.ndarray]:
   for key in ('state_dict', 'model', 'model_state_dict'):
     if isinstance(tree, Mapping) and isinstance(tree.get(key), Mapping):
       tree = tree[key]
-  flat = _flatten_tensors(tree)
+  flat = _flatten_tensors(tree, path)
   if not flat:
     raise WeightsError(f'{path}: holds no tensors')
   return {k.removeprefix('module/'): v for k, v in flat.items()}  # DataParallel wrapping
