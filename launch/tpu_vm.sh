@@ -182,22 +182,43 @@ sweep() {
   name=$base
 }
 
+value_of() {  # OPTION [VALUE ...]: the option's value, or exit 2 naming the option
+  if [ "$#" -lt 2 ] || [[ $2 == --* ]]; then
+    echo "error: $1 needs a value" >&2
+    exit 2
+  fi
+  echo "$2"
+}
+
 while [ "$#" -gt 0 ]; do
   case $1 in
     --dry-run) dry_run=1 ;;
     --spot) spot=1 ;;
-    --name) name=$2; shift ;;
-    --zone) zone=$2; shift ;;
-    --project) project=$2; shift ;;
-    --accelerator) accelerator=$2; shift ;;
-    --version) version=$2; shift ;;
-    --repo) repo=$2; shift ;;
-    --ref) ref=$2; shift ;;
+    --name) name=$(value_of "$@"); shift ;;
+    --zone) zone=$(value_of "$@"); shift ;;
+    --project) project=$(value_of "$@"); shift ;;
+    --accelerator) accelerator=$(value_of "$@"); shift ;;
+    --version) version=$(value_of "$@"); shift ;;
+    --repo) repo=$(value_of "$@"); shift ;;
+    --ref) ref=$(value_of "$@"); shift ;;
     -h|--help) usage 0 ;;
     -*) echo "error: unknown option $1" >&2; exit 2 ;;
     *) break ;;
   esac
   shift
+done
+# The name goes into remote shell commands (log paths) and file names: a GCP resource name only
+# (lowercase letters, digits, hyphens; a letter first), so it never needs quoting.
+if ! [[ $name =~ ^[a-z]([-a-z0-9]{0,50}[a-z0-9])?$ ]]; then
+  echo "error: --name (TPU_NAME) '$name' must be 1-52 lowercase letters, digits or hyphens, \
+starting with a letter and not ending with a hyphen" >&2
+  exit 2
+fi
+for pair in "zone:$zone" "project:$project" "accelerator:$accelerator" "version:$version"; do
+  if ! [[ ${pair#*:} =~ ^[A-Za-z0-9._-]*$ ]]; then
+    echo "error: --${pair%%:*} '${pair#*:}' may hold only letters, digits, '.', '_' and '-'" >&2
+    exit 2
+  fi
 done
 if [ "$#" -lt 1 ]; then usage; fi
 command=$1

@@ -4,7 +4,9 @@ run's workdir (config, metrics, checkpoints, results) byte for byte as it was.""
 import io
 import os
 import shutil
+import struct
 import tempfile
+import zlib
 
 import numpy as np
 import pytest
@@ -61,40 +63,123 @@ def _folder_config(path, **overrides):
                          'model.num_classes': 2, 'data.eval_batch_size': 8, **overrides})
 
 
-def test_truncated_and_foreign_images_are_named_before_anything_is_written(earlier_run,
-                                                                            tmp_path):
+def _png_claiming(width, height, zlib_rows=False) -> bytes:
+  """A PNG whose header claims width x height grayscale pixels. With `zlib_rows` its data really
+  holds that many (zero) pixels, deflated to a few hundred KiB: a decompression bomb."""
+  def chunk(kind, data):
+    return (struct.pack('>I', len(data)) + kind + data
+            + struct.pack('>I', zlib.crc32(kind + data) & 0xFFFFFFFF))
+  data = b''
+  if zlib_rows:
+    compressor, row = zlib.compressobj(9), bytes(width + 1)
+    data = b''.join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+  return (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', width, height, 8, 0, 0,
+                                                              0, 0))
+          + chunk(b'IDAT', data) + chunk(b'IEND', b''))
+
+
+def _damaged_png() -> bytes:
+  damaged = bytearray(_image_bytes('PNG'))
+  start = damaged.index(b'IDAT') + 10
+  damaged[start:start + 40] = bytes(40)  # signature and IEND intact, pixel data broken
+  return bytes(damaged)
+
+
+def _bad_entry(kind, path):
+  """Puts one unusable entry of `kind` at `path`; returns the reason the error must give."""
+  if kind == 'truncated png':
+    path.write_bytes(_image_bytes('PNG')[:300])
+  elif kind == 'text named .jpg':
+    path.write_bytes(b'not an image at all')
+  elif kind == 'damaged inside its data':
+    path.write_bytes(_damaged_png())
+  elif kind == 'directory named .png':
+    path.mkdir()
+    return 'a directory, not an image file'
+  elif kind == 'dangling symlink':
+    path.symlink_to(path.parent / 'nowhere.png')
+    return 'a dangling or looping symbolic link'
+  elif kind == 'symlink loop':
+    path.symlink_to(path)
+    return 'a dangling or looping symbolic link'
+  elif kind == 'fifo':
+    os.mkfifo(path)
+    return 'not a regular file'
+  elif kind == '16000 x 16000 bomb':
+    path.write_bytes(_png_claiming(16000, 16000, zlib_rows=True))
+    assert path.stat().st_size < 1_000_000
+    return '16000 x 16000 = 256,000,000 pixels, over data.max_image_pixels=100,000,000'
+  elif kind == 'header claims 2**31 x 2**31':
+    path.write_bytes(_png_claiming(2**31 - 1, 2**31 - 1))
+    return 'pixels, over data.max_image_pixels'
+  return 'cannot be decoded'
+
+
+BAD_ENTRIES = ('truncated png', 'text named .jpg', 'damaged inside its data',
+               'directory named .png', 'dangling symlink', 'symlink loop', 'fifo',
+               '16000 x 16000 bomb', 'header claims 2**31 x 2**31')
+
+
+@pytest.mark.parametrize('kind', BAD_ENTRIES)
+def test_unusable_image_files_are_named_before_anything_is_written(earlier_run, tmp_path, kind):
   run_dir, _ = earlier_run
   folder = _image_folder(tmp_path / 'images')
-  truncated = folder / 'train' / 'cat' / 'truncated.png'
-  truncated.write_bytes(_image_bytes('PNG')[:300])
-  foreign = folder / 'train' / 'dog' / 'notes.jpg'
-  foreign.write_bytes(b'not an image at all')
+  bad = folder / 'train' / 'dog' / ('x.jpg' if 'jpg' in kind else 'x.png')
+  reason = _bad_entry(kind, bad)
   message = _refused(run_dir, _folder_config(folder), DataError)
-  assert f'2 image file(s) of split \'train\' are corrupt or truncated: {truncated}' in message
-  assert str(foreign) in message and 'data.skip_corrupt_images=True' in message
+  assert message.startswith(f"1 image file(s) of split 'train' cannot be used: {bad} ("), message
+  assert reason in message and 'data.skip_corrupt_images=True' in message
 
 
-def test_skip_corrupt_images_leaves_them_out_and_counts_them(tmp_path):
+def test_skip_corrupt_images_leaves_every_kind_out_and_counts_it(tmp_path):
   folder = _image_folder(tmp_path / 'images')
-  (folder / 'train' / 'cat' / 'truncated.png').write_bytes(_image_bytes('PNG')[:300])
+  for index, kind in enumerate(BAD_ENTRIES):
+    _bad_entry(kind, folder / 'train' / ('cat', 'dog')[index % 2] / f'bad{index}.png')
   jpeg = _image_bytes('JPEG')
   (folder / 'test' / 'dog' / 'cut.jpg').write_bytes(jpeg[:len(jpeg) // 2])
   config = _folder_config(folder, **{'data.skip_corrupt_images': True})
   config.total_steps = 2
   results = train.run(config, str(tmp_path / 'run'))
-  assert results['skipped_images'] == {'train': 1, 'test': 1}
+  assert results['skipped_images'] == {'train': len(BAD_ENTRIES), 'test': 1}
   assert results['train_examples'] == 12 and results['eval']['examples'] == 4
 
 
-def test_damage_inside_a_well_formed_image_is_named_when_training_meets_it(tmp_path):
-  folder = _image_folder(tmp_path / 'images', per_class=8)
-  damaged = bytearray(_image_bytes('PNG'))
-  start = damaged.index(b'IDAT') + 10
-  damaged[start:start + 40] = bytes(40)  # signature and IEND intact, pixel data broken
-  path = folder / 'train' / 'dog' / 'damaged.png'
-  path.write_bytes(bytes(damaged))
-  with pytest.raises(DataError, match=f'1 image file.* corrupt or truncated: {path}'):
-    train.run(_folder_config(folder), str(tmp_path / 'run'))
+def test_images_with_bytes_after_their_end_are_valid(tmp_path):
+  """Validity is decided by decoding: data after PNG's IEND or JPEG's end marker is ignored by
+  the decoders, as by every viewer."""
+  folder = _image_folder(tmp_path / 'images')
+  (folder / 'train' / 'cat' / 'trailer.png').write_bytes(_image_bytes('PNG', 7) + b'x' * 500)
+  (folder / 'train' / 'dog' / 'trailer.jpg').write_bytes(_image_bytes('JPEG', 8) + b'\0' * 64)
+  config = _folder_config(folder)
+  config.total_steps = 2
+  results = train.run(config, str(tmp_path / 'run'))
+  assert results['train_examples'] == 14 and results['skipped_images'] == {}
+
+
+def test_pixel_limit_is_a_config_key(earlier_run, tmp_path):
+  run_dir, _ = earlier_run
+  folder = _image_folder(tmp_path / 'images')
+  message = _refused(run_dir, _folder_config(folder, **{'data.max_image_pixels': 399}),
+                     DataError)
+  assert '20 x 20 = 400 pixels, over data.max_image_pixels=399' in message
+
+
+def test_a_class_folder_without_images_is_an_error(earlier_run, tmp_path):
+  run_dir, _ = earlier_run
+  folder = _image_folder(tmp_path / 'images')
+  (folder / 'train' / 'bird').mkdir()
+  (folder / 'train' / 'bird' / 'notes.txt').write_text('no images here')
+  message = _refused(run_dir, _folder_config(folder, **{'model.num_classes': 3}), DataError)
+  assert f'class folder {folder / "train" / "bird"} holds no image files' in message
+
+
+def test_a_class_with_no_training_examples_is_an_error(earlier_run, tmp_path):
+  run_dir, _ = earlier_run
+  folder = _image_folder(tmp_path / 'images')
+  (folder / 'test' / 'bird').mkdir()
+  (folder / 'test' / 'bird' / '0.png').write_bytes(_image_bytes('PNG'))
+  message = _refused(run_dir, _folder_config(folder, **{'model.num_classes': 3}), DataError)
+  assert "class(es) ['bird'] have no examples in split 'train'" in message
 
 
 def test_label_out_of_range(earlier_run, tmp_path):
@@ -219,3 +304,116 @@ def test_keys_added_since_an_earlier_run_count_as_their_defaults():
   changed = {'optim': {'lr': 0.1, 'grad_accum_steps': 2}, 'data': {'path': 'a.npz'}}
   assert workdir.config_differences(saved, changed, workdir.RESUMABLE_CHANGES, defaults) == [
       'optim.grad_accum_steps: 1 -> 2']
+
+
+# Values no run can use sensibly: each refused with its key before anything is written.
+NONSENSE = [
+    ('optim.lr', -0.1, 'optim.lr=-0.1 must be a number >= 0'),
+    ('optim.lr', float('nan'), 'optim.lr=nan must be a number >= 0'),
+    ('optim.momentum', 1.5, 'optim.momentum=1.5 must be a number in [0, 1)'),
+    ('optim.label_smoothing', 1.0, 'optim.label_smoothing=1.0 must be a number in [0, 1)'),
+    ('optim.clip_norm', 0.0, 'optim.clip_norm=0.0 must be None or a number > 0'),
+    ('optim.schedule.warmup_steps', -5, 'optim.schedule.warmup_steps=-5 must be an integer'),
+    ('optim.schedule.boundaries', (0.75, 0.5), 'increasing fractions'),
+    ('data.examples_per_class', 0, 'data.examples_per_class=0 must be None or an integer >= 1'),
+    ('data.examples_per_class', -2, 'data.examples_per_class=-2 must be None or an integer'),
+    ('data.batch_size', 0, 'data.batch_size=0 must be an integer >= 1'),
+    ('data.batch_size', True, 'data.batch_size=True must be an integer >= 1'),
+    ('data.image_size', 0, 'data.image_size=0 must be an integer >= 1'),
+    ('data.image_size', -16, 'data.image_size=-16 must be an integer >= 1'),
+    ('data.resize_size', 8, 'data.resize_size=8 must be at least data.image_size=16'),
+    ('data.channels', 2, 'data.channels=2 must be 1 (grayscale) or 3 (RGB)'),
+    ('data.channels', 1, 'data.channels=1 needs data.mean and data.std with 1 value(s) each'),
+    ('data.mean', (0.5, 0.5), 'data.mean=(0.5, 0.5) has 2 value(s) but data.channels=3'),
+    ('data.std', (0.2, 0.0, 0.2), 'data.std=(0.2, 0.0, 0.2) must be positive'),
+    ('data.max_image_pixels', 0, 'data.max_image_pixels=0 must be an integer >= 1'),
+    ('data.classes', (0, 0), 'data.classes=(0, 0) must be distinct class ids >= 0'),
+    ('eval_every', -1, 'eval_every=-1 must be an integer >= 0'),
+    ('log_every', 0, 'log_every=0 must be an integer >= 1'),
+    ('checkpoint_every', 0, 'checkpoint_every=0 must be an integer >= 1'),
+    ('keep_checkpoints', 0, 'keep_checkpoints=0 must be an integer >= 1'),
+    ('keep_checkpoints', -1, 'keep_checkpoints=-1 must be an integer >= 1'),
+    ('total_steps', 0, 'total_steps=0 must be an integer >= 1'),
+    ('total_steps', -3, 'total_steps=-3 must be an integer >= 1'),
+    ('total_epochs', 0.0, 'total_epochs=0.0 must be None or a number > 0'),
+    ('seed', -1, 'seed=-1 must be an integer in [0, 2147483647]'),
+    ('model.num_classes', 1, 'model.num_classes=1 must be an integer >= 2'),
+    ('init.dont_load', ('[unclosed',), "init.dont_load[0]='[unclosed' is not a regex"),
+    ('optim.groups', [('stem/.*', {'lr_mult': -1.0}), ('.*', {})],
+     "optim.groups[0] ('stem/.*'): lr_mult=-1.0 must be a number >= 0"),
+]
+
+
+@pytest.mark.parametrize('key,value,message', NONSENSE,
+                         ids=[f'{k}={v!r}' for k, v, _ in NONSENSE])
+def test_nonsense_values_are_refused_with_their_key(earlier_run, key, value, message):
+  run_dir, data = earlier_run
+  config = small_config(**{'data.path': data})
+  *parents, leaf = key.split('.')
+  node = config
+  for part in parents:
+    node = node[part]
+  with node.unlocked():
+    node[leaf] = value
+  assert message in _refused(run_dir, config)
+
+
+def _copy_of(earlier, tmp_path):
+  run_dir = tmp_path / 'run'
+  shutil.copytree(earlier, run_dir)
+  return run_dir
+
+
+def _invalid_utf8(run_dir):
+  with open(run_dir / 'metrics.jsonl', 'ab') as f:
+    f.write(b'{"step": 7, "split": "train", "loss": "\xff\xfe"}\n')
+
+
+def _replace_with_directory(name):
+  def damage(run_dir):
+    path = run_dir / name
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+    path.mkdir()
+    (path / 'keep').write_text('')  # a snapshot sees the directory
+  return damage
+
+
+def _replace_with_file(name):
+  def damage(run_dir):
+    shutil.rmtree(run_dir / name)
+    (run_dir / name).write_text('not a directory')
+  return damage
+
+
+def _cut_results(run_dir):
+  text = (run_dir / 'results.json').read_text()
+  (run_dir / 'results.json').write_text(text[:len(text) // 2])
+
+
+WORKDIR_DAMAGE = [
+    ('metrics.jsonl with invalid UTF-8', _invalid_utf8, 'metrics.jsonl:5 is damaged'),
+    ('metrics.jsonl as a directory', _replace_with_directory('metrics.jsonl'),
+     'metrics.jsonl is not a regular file'),
+    ('results.json as a directory', _replace_with_directory('results.json'),
+     'results.json is not a regular file'),
+    ('results.json cut short', _cut_results, 'results.json is damaged'),
+    ('config.json as a directory', _replace_with_directory('config.json'),
+     'config.json is not a regular file'),
+    ('checkpoints as a file', _replace_with_file('checkpoints'),
+     'checkpoints is not a directory'),
+]
+
+
+@pytest.mark.parametrize('name,damage,message', WORKDIR_DAMAGE,
+                         ids=[name for name, _, _ in WORKDIR_DAMAGE])
+def test_a_damaged_workdir_file_is_named_and_left_as_it_is(earlier_run, tmp_path, name, damage,
+                                                          message):
+  earlier, data = earlier_run
+  run_dir = _copy_of(earlier, tmp_path)
+  damage(run_dir)
+  before = snapshot(run_dir)
+  config = small_config(**{'data.path': data, 'total_steps': 9})
+  with pytest.raises(UserError) as raised:
+    train.run(config, str(run_dir))
+  assert message in str(raised.value) and str(run_dir) in str(raised.value)
+  assert snapshot(run_dir) == before

@@ -27,7 +27,8 @@ def _object_npz(path, marker, prefix=''):
 def test_npz_weights_holding_object_arrays_are_refused(tmp_path):
   path, marker = tmp_path / 'weights.npz', tmp_path / 'pwned'
   _object_npz(path, marker)
-  with pytest.raises(WeightsError, match=f'{path}: cannot be read as plain arrays: .*object arrays would need pickle'):
+  with pytest.raises(WeightsError, match=f'{path}: cannot be read as plain arrays: .*object '
+                                         'arrays would need pickle'):
     read.read_file(str(path))
   assert not marker.exists()
 

@@ -17,25 +17,43 @@ from collections.abc import Sequence
 from typing import Any
 
 from tljax import config as config_lib
-from tljax import report
+from tljax import preemption, report
 from tljax import workdir as workdir_lib
 from tljax.errors import PREEMPTED_EXIT_CODE, Preempted, UserError
 from tljax.sweep import Sweep, Variant, command, expand, variant_config
 
 
 def _finished(workdir: str) -> bool:
-  return os.path.isfile(os.path.join(workdir, 'results.json'))
+  """Whether the variant's run finished (its results.json is there; a damaged one is an error
+  naming it)."""
+  return workdir_lib.read_results(workdir) is not None
 
 
 def run_sweep(sweep: Sweep, sweep_dir: str) -> list[dict[str, Any]]:
-  """Runs every unfinished variant in this process, then writes the results files."""
+  """Runs every unfinished variant in this process, then writes the results files. Every
+  variant's config is checked before the first one runs."""
+  import ml_collections
+
   from tljax import train  # the only importer of train.py; keeps --print-commands light
 
-  base = config_lib.load_config_file(sweep.base)
+  if os.path.exists(sweep_dir) and not os.path.isdir(sweep_dir):
+    raise UserError(f'--workdir {sweep_dir!r} is a file, not a directory for the sweep')
+  base = config_lib.load_config_file(sweep.base, ml_collections.ConfigDict)
   variants = expand(sweep, sweep_dir)
-  for index, variant in enumerate(variants, 1):
+  configs = []
+  for variant in variants:
+    try:
+      configs.append(train.resolve_config(variant_config(base, variant)))
+    except UserError as e:
+      message = str(e)
+      raise UserError(message if message.startswith('sweep variant') else
+                      f'sweep variant {variant.name!r}: {message}') from None
+  for index, (variant, config) in enumerate(zip(variants, configs, strict=True), 1):
+    requested = preemption.requested_early()
+    if requested:  # between variants: the finished ones are complete, nothing else to save
+      raise Preempted(None, f'stopped by {requested} before variant {variant.name!r}; run the '
+                            'same command to go on')
     workdir = os.path.join(sweep_dir, variant.name)
-    config = train.resolve_config(variant_config(base, variant))
     if _finished(workdir):
       changed = workdir_lib.config_differences(workdir_lib.saved_config(workdir) or {},
                                                json.loads(config.to_json_best_effort()))
@@ -55,11 +73,10 @@ def write_results(sweep: Sweep, sweep_dir: str, variants: Sequence[Variant]
   """results.csv / results.md / results.png from the finished variants; returns the rows."""
   runs = []
   for variant in variants:
-    path = os.path.join(sweep_dir, variant.name, 'results.json')
-    if os.path.isfile(path):
-      with open(path) as f:
-        runs.append(dict(variant=variant.name, group=variant.group, tags=variant.tags,
-                         results=json.load(f)))
+    results = workdir_lib.read_results(os.path.join(sweep_dir, variant.name))
+    if results is not None:
+      runs.append(dict(variant=variant.name, group=variant.group, tags=variant.tags,
+                       results=results))
   rows = report.aggregate(runs)
   report.write_csv(rows, os.path.join(sweep_dir, 'results.csv'))
   table = report.markdown_table(rows, missing=len(variants) - len(runs),
@@ -72,14 +89,11 @@ def write_results(sweep: Sweep, sweep_dir: str, variants: Sequence[Variant]
 
 
 def load_sweep(spec: str) -> Sweep:
-  sweep = config_lib.load_config_file(spec)
-  if not isinstance(sweep, Sweep):
-    raise UserError(f'{spec}: get_config must return a tljax.sweep.Sweep, got '
-                    f'{type(sweep).__name__}')
-  return sweep
+  return config_lib.load_config_file(spec, Sweep)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+  preemption.install_early()  # SIGTERM and Ctrl-C stop between steps or variants, not mid-write
   parser = argparse.ArgumentParser(prog='python -m tljax.ablate', description=__doc__.split(
       '\n')[0])
   parser.add_argument('--config', required=True, help='sweep file[:arg] (configs/ablations/)')
@@ -103,6 +117,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   except Preempted as e:  # the rerun skips finished variants and resumes this one
     print(str(e), file=sys.stderr)
     sys.exit(PREEMPTED_EXIT_CODE)
+  finally:
+    preemption.ignore_from_now()
   print(report.markdown_table(rows, published=sweep.published))
   print(f'\nwrote {os.path.join(args.workdir, "results.md")}, results.csv'
         + (f' and the plot {os.path.join(args.workdir, "results.png")}' if sweep.plot else ''))

@@ -1,23 +1,34 @@
-"""Orbax CheckpointManager in `<workdir>/checkpoints`: periodic saves, keep N, resume latest.
+"""Orbax CheckpointManager in `<workdir>/checkpoints`: periodic saves, keep N, resume the newest
+checkpoint that reads completely.
 
 Orbax writes each step into `<step>.orbax-checkpoint-tmp` and renames it when complete, so a
 process killed mid-save leaves no checkpoint that `latest_step` would pick, and older checkpoints
 are deleted only after a newer one is complete. A save that fails (a full disk) removes its
-temporary directory and raises one error naming the step; the complete checkpoints stay.
+temporary directory and raises one error naming the step; the complete checkpoints stay. A
+checkpoint damaged afterwards (a truncated file, an empty step directory) is set aside into
+`<workdir>/checkpoints-damaged/`, never deleted, and the run resumes from the newest one that
+restores; a checkpoint of another model (shapes that differ) is an error, not damage.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import logging
 import os
 import shutil
+import sys
+from collections.abc import Iterator
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from tljax.errors import UserError
 
 TMP_SUFFIX = '.orbax-checkpoint-tmp'
+DAMAGED_DIR = 'checkpoints-damaged'
 
 
 class CheckpointWriteError(UserError):
@@ -25,10 +36,151 @@ class CheckpointWriteError(UserError):
   intact."""
 
 
+class CheckpointMismatch(UserError):
+  """A checkpoint that reads, but holds the state of another model or optimizer."""
+
+
+def step_names(directory: str) -> list[int]:
+  """The step numbers named in a checkpoints directory (whatever state they are in), newest
+  first; none when the directory does not exist."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted((int(name) for name in os.listdir(directory) if name.isdigit()), reverse=True)
+
+
 def has_checkpoints(workdir: str) -> bool:
-  """Whether `workdir` holds at least one complete checkpoint (a step-numbered directory)."""
-  directory = os.path.join(workdir, 'checkpoints')
-  return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+  """Whether `workdir` holds at least one checkpoint (a step-numbered entry)."""
+  return bool(step_names(os.path.join(workdir, 'checkpoints')))
+
+
+@dataclasses.dataclass
+class Resume:
+  """Where a run starts: the step and state restored (0, None for a new run), and the damaged
+  checkpoints passed over on the way, as (step, reason)."""
+  step: int = 0
+  state: Any = None
+  damaged: list[tuple[int, str]] = dataclasses.field(default_factory=list)
+
+
+def _path_name(path: tuple) -> str:
+  return '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path)
+
+
+def _leaf_specs(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return {_path_name(path): (tuple(leaf.shape), str(np.dtype(leaf.dtype))) for path, leaf in flat}
+
+
+def _check_fits(metadata: Any, like: Any, where: str) -> None:
+  """Refuses a checkpoint whose arrays (names, shapes, dtypes) are not those of `like`."""
+  saved, wanted = _leaf_specs(metadata), _leaf_specs(like)
+  differences = [f'{k} is {saved[k][0]} {saved[k][1]} there, {wanted[k][0]} {wanted[k][1]} '
+                 'here' for k in sorted(saved.keys() & wanted.keys()) if saved[k] != wanted[k]]
+  differences += [f'{k} only there' for k in sorted(saved.keys() - wanted.keys())]
+  differences += [f'{k} only here' for k in sorted(wanted.keys() - saved.keys())]
+  if differences:
+    shown = '; '.join(differences[:3]) + (f' and {len(differences) - 3} more'
+                                          if len(differences) > 3 else '')
+    raise CheckpointMismatch(
+        f'{where} holds the state of another model or optimizer ({shown}); use another '
+        'workdir, or pass --fresh to move the earlier run aside')
+
+
+@contextlib.contextmanager
+def _quiet_orbax() -> Iterator[None]:
+  """Orbax's warnings about a damaged checkpoint, and the "Event loop is closed" errors its
+  reader threads report after a failed read, are noise once the damage is named in one line."""
+  logger = logging.getLogger('absl')
+  level = logger.level
+  logger.setLevel(logging.CRITICAL)
+  _drop_closed_loop_errors()
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
+
+
+def _drop_closed_loop_errors() -> None:
+  previous = sys.unraisablehook
+  if getattr(previous, 'tljax_filter', False):
+    return
+
+  def hook(unraisable: Any) -> None:
+    if not (isinstance(unraisable.exc_value, RuntimeError)
+            and 'Event loop is closed' in str(unraisable.exc_value)):
+      previous(unraisable)
+
+  hook.tljax_filter = True
+  sys.unraisablehook = hook
+
+
+def restore_newest(workdir: str, like: Any) -> Resume:
+  """The newest checkpoint in `workdir` that restores completely into `like` (abstract arrays
+  with target shardings), passing over damaged ones; nothing is written or moved here."""
+  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  resume = Resume()
+  steps = step_names(directory)
+  if not steps:
+    return resume
+  options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+  with _quiet_orbax():
+    manager = ocp.CheckpointManager(directory, item_handlers=ocp.StandardCheckpointHandler(),
+                                    options=options)
+    try:
+      for step in steps:
+        where = f'checkpoint {os.path.join(directory, str(step))}'
+        if not os.path.isdir(os.path.join(directory, str(step))):
+          resume.damaged.append((step, 'not a directory'))
+          continue
+        if not os.path.isfile(os.path.join(directory, str(step), '_CHECKPOINT_METADATA')):
+          resume.damaged.append((step, 'incomplete: no _CHECKPOINT_METADATA'))
+          continue
+        try:
+          metadata = manager.item_metadata(step)
+        except Exception as e:  # noqa: BLE001 (orbax raises many kinds for a damaged file)
+          resume.damaged.append((step, _reason(e)))
+          continue
+        if metadata is None or not jax.tree.leaves(metadata):
+          resume.damaged.append((step, 'no readable metadata'))
+          continue
+        _check_fits(metadata, like, where)
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        try:
+          state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        except Exception as e:  # noqa: BLE001
+          resume.damaged.append((step, _reason(e)))
+          continue
+        resume.step, resume.state = step, state
+        return resume
+    finally:
+      manager.close()
+  return resume
+
+
+def _reason(error: BaseException) -> str:
+  """The innermost cause of a failed read, in a few words (tensorstore's says which file)."""
+  while error.__cause__ is not None or error.__context__ is not None:
+    error = error.__cause__ or error.__context__
+  text = ' '.join(str(error).split())
+  return text[:200] + ('...' if len(text) > 200 else '')
+
+
+def set_aside(workdir: str, damaged: list[tuple[int, str]]) -> list[str]:
+  """Moves each damaged checkpoint into `<workdir>/checkpoints-damaged/` (process 0); returns
+  where each went."""
+  moved = []
+  target_root = os.path.join(workdir, DAMAGED_DIR)
+  for step, _ in damaged:
+    target = base = os.path.join(target_root, str(step))
+    count = 1
+    while os.path.lexists(target):
+      count += 1
+      target = f'{base}-{count}'
+    if jax.process_index() == 0:
+      os.makedirs(target_root, exist_ok=True)
+      os.replace(os.path.join(workdir, 'checkpoints', str(step)), target)
+    moved.append(target)
+  return moved
 
 
 class Checkpointer:
@@ -79,7 +231,12 @@ class Checkpointer:
       except Exception:  # noqa: BLE001, S110 (they failed already; the error below says so)
         pass
       self._remove_partial()
-      kept = ', '.join(str(s) for s in self.manager.all_steps()) or 'none'
+      if not os.path.isdir(self.directory):
+        raise CheckpointWriteError(
+            f'could not write the checkpoint of step {failed}: the directory {self.directory} '
+            'no longer exists (removed during the run?), so no checkpoint is kept; rerun the '
+            'same command to start again') from None
+      kept = ', '.join(str(s) for s in sorted(step_names(self.directory))) or 'none'
       raise CheckpointWriteError(
           f'could not write the checkpoint of step {failed} in {self.directory}: {e}. '
           f'Complete checkpoints kept: {kept}; free space and rerun the same command to '

@@ -10,9 +10,13 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import re
+import traceback
+from collections.abc import Callable
 from typing import Any
 
 import ml_collections
+import numpy as np
 from ml_collections.config_dict import placeholder
 
 from tljax.errors import UserError
@@ -43,6 +47,9 @@ def base_config() -> ml_collections.ConfigDict:
       cache_decoded=False,  # keep decoded, resized uint8 images in memory after first use
       # Image folders: leave out (and count) files that cannot be decoded instead of failing.
       skip_corrupt_images=False,
+      # Image files with more pixels than this are refused (or skipped) before decoding: a
+      # small PNG can claim gigabytes of pixels.
+      max_image_pixels=100_000_000,
       # Compute the frozen leading stages once per example and train on their outputs; needs
       # augment=False and a frozen prefix (tljax.features).
       cache_features=False,
@@ -120,19 +127,42 @@ def _merge(target: ml_collections.ConfigDict, source: Any) -> None:
       target[key] = value
 
 
-def load_config_file(spec: str) -> Any:
-  """Calls `get_config(arg)` of `file.py[:arg]`; config files are Python, trusted as code."""
+def _config_file_error(path: str, error: BaseException) -> ConfigError:
+  """One line for an exception raised by a config file's own code, with its line there."""
+  line = getattr(error, 'lineno', None) if isinstance(error, SyntaxError) else None
+  for frame in traceback.extract_tb(error.__traceback__):
+    if os.path.abspath(frame.filename) == os.path.abspath(path):
+      line = frame.lineno
+  where = f'{path}:{line}' if line else path
+  return ConfigError(f'config file {where} raised {type(error).__name__}: {error}')
+
+
+def load_config_file(spec: str, expect: type | tuple[type, ...] | None = None) -> Any:
+  """Calls `get_config(arg)` of `file.py[:arg]`; config files are Python, trusted as code. An
+  error in the file, a missing get_config or a result that is not `expect` is one ConfigError
+  naming the file."""
   path, _, arg = spec.partition('.py:')
   path = path if path.endswith('.py') else f'{path}.py'
   if not os.path.isfile(path):
-    raise ConfigError(f'config file {path!r} not found')
+    raise ConfigError(f'config file {path!r} not found (--config={spec})')
   module_spec = importlib.util.spec_from_file_location(
       f'tljax_config_{abs(hash(os.path.abspath(path)))}', path)
   module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  if not hasattr(module, 'get_config'):
+  try:
+    module_spec.loader.exec_module(module)
+  except Exception as e:  # noqa: BLE001 (whatever the file's code raises, named in one line)
+    raise _config_file_error(path, e) from None
+  if not callable(getattr(module, 'get_config', None)):
     raise ConfigError(f'config file {path!r} defines no get_config(arg)')
-  return module.get_config(arg or None)
+  try:
+    config = module.get_config(arg or None)
+  except Exception as e:  # noqa: BLE001
+    raise _config_file_error(path, e) from None
+  if expect is not None and not isinstance(config, expect):
+    names = ' or '.join(t.__name__ for t in (expect if isinstance(expect, tuple) else (expect,)))
+    raise ConfigError(f'config file {path!r}: get_config({arg or None!r}) returned '
+                      f'{type(config).__name__}, not a {names}')
+  return config
 
 
 def set_override(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
@@ -155,6 +185,118 @@ def set_override(config: ml_collections.ConfigDict, key: str, value: Any) -> Non
 
 
 COMPUTE_DTYPES = ('float32', 'bfloat16', 'float16')
+MAX_SEED = 2**31 - 1
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_number(value: Any) -> bool:
+  return (isinstance(value, (int, float, np.integer, np.floating))
+          and not isinstance(value, (bool, np.bool_)) and math.isfinite(value))
+
+
+def _integer(low: int, high: float = math.inf) -> tuple[Callable[[Any], bool], str]:
+  what = f'an integer >= {low}' if high == math.inf else f'an integer in [{low}, {high}]'
+  return (lambda v: _is_int(v) and low <= v <= high), what
+
+
+def _number(low: float, high: float = math.inf, high_open: bool = False
+            ) -> tuple[Callable[[Any], bool], str]:
+  what = (f'a number >= {low}' if high == math.inf else
+          f'a number in [{low}, {high}{")" if high_open else "]"}')
+  return (lambda v: _is_number(v) and low <= v and (v < high if high_open else v <= high)), what
+
+
+def _optional(rule: tuple[Callable[[Any], bool], str]) -> tuple[Callable[[Any], bool], str]:
+  check, what = rule
+  return (lambda v: v is None or check(v)), f'None or {what}'
+
+
+def _positive_number() -> tuple[Callable[[Any], bool], str]:
+  return (lambda v: _is_number(v) and v > 0), 'a number > 0'
+
+
+# Every numeric key a run reads, with the values that make sense; checked before anything runs.
+VALUE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    'model.num_classes': _integer(2),
+    'data.image_size': _integer(1),
+    'data.resize_size': _optional(_integer(1)),
+    'data.channels': ((lambda v: _is_int(v) and v in (1, 3)), '1 (grayscale) or 3 (RGB)'),
+    'data.batch_size': _integer(1),
+    'data.eval_batch_size': _optional(_integer(1)),
+    'data.examples_per_class': _optional(_integer(1)),
+    'data.subset_seed': _integer(0, MAX_SEED),
+    'data.shuffle_buffer': _integer(1),
+    'data.max_image_pixels': _integer(1),
+    'optim.lr': _number(0),
+    'optim.momentum': _number(0, 1, high_open=True),
+    'optim.weight_decay': _number(0),
+    'optim.b1': _number(0, 1, high_open=True),
+    'optim.b2': _number(0, 1, high_open=True),
+    'optim.eps': _positive_number(),
+    'optim.clip_norm': _optional(_positive_number()),
+    'optim.label_smoothing': _number(0, 1, high_open=True),
+    'optim.grad_accum_steps': _integer(1),
+    'optim.schedule.warmup_steps': _integer(0),
+    'optim.schedule.end_factor': _number(0),
+    'optim.schedule.decay_factor': _positive_number(),
+    'freeze.head_lr_mult': _number(0),
+    'total_steps': _integer(1),
+    'total_epochs': _optional(_positive_number()),
+    'log_every': _integer(1),
+    'eval_every': _integer(0),
+    'checkpoint_every': _integer(1),
+    'keep_checkpoints': _integer(1),
+    'seed': _integer(0, MAX_SEED),
+    'sharding.model_axis': _integer(1),
+    'sharding.min_size_mb': _number(0),
+}
+
+
+def _get(config: ml_collections.ConfigDict, key: str) -> Any:
+  node = config
+  for part in key.split('.'):
+    node = node[part]
+  return node
+
+
+def check_values(config: ml_collections.ConfigDict) -> None:
+  """Refuses a value no run could use sensibly (a negative learning rate, zero steps, mean and
+  std that do not match the channels), naming the key and what it must be."""
+  for key, (check, what) in VALUE_RULES.items():
+    value = _get(config, key)
+    if not check(value):
+      raise ConfigError(f'{key}={value!r} must be {what}')
+  data = config.data
+  if data.resize_size is not None and data.resize_size < data.image_size:
+    raise ConfigError(f'data.resize_size={data.resize_size} must be at least data.image_size='
+                      f'{data.image_size} (the crop is taken from the resized image)')
+  for key in ('mean', 'std'):
+    value = data[key]
+    if value is None and data.channels != 3:
+      raise ConfigError(f'data.channels={data.channels} needs data.mean and data.std with '
+                        f'{data.channels} value(s) each (the ImageNet defaults have 3)')
+    if value is not None and len(value) != data.channels:
+      raise ConfigError(f'data.{key}={tuple(value)} has {len(value)} value(s) but '
+                        f'data.channels={data.channels}')
+  if data.std is not None and not all(v > 0 for v in data.std):
+    raise ConfigError(f'data.std={tuple(data.std)} must be positive')
+  boundaries = tuple(config.optim.schedule.boundaries)
+  if not all(_is_number(b) and 0 < b < 1 for b in boundaries) or list(boundaries) != sorted(
+      boundaries):
+    raise ConfigError(f'optim.schedule.boundaries={boundaries} must be increasing fractions of '
+                      'the steps after warmup, each in (0, 1)')
+  classes = data.classes
+  if classes is not None and (not classes or not all(_is_int(c) and c >= 0 for c in classes)
+                              or len(set(classes)) != len(classes)):
+    raise ConfigError(f'data.classes={classes!r} must be distinct class ids >= 0')
+  for index, pattern in enumerate(config.init.dont_load):
+    try:
+      re.compile(pattern)
+    except (re.error, TypeError) as e:
+      raise ConfigError(f'init.dont_load[{index}]={pattern!r} is not a regex: {e}') from None
 
 
 def compute_dtype(config: ml_collections.ConfigDict) -> str | None:

@@ -1,6 +1,8 @@
 """The exceptions a run ends with: bad user input (its message names the key, path or file),
 and preemption."""
 
+from __future__ import annotations
+
 
 class UserError(ValueError):
   """Input the user can fix; the CLI prints its message as one line instead of a traceback."""
@@ -12,9 +14,14 @@ PREEMPTED_EXIT_CODE = 75
 
 
 class Preempted(Exception):  # noqa: N818 (a request to stop, not a failure)
-  """SIGTERM arrived; the checkpoint of `step` is complete and the same command resumes."""
+  """SIGTERM or SIGINT arrived; the checkpoint of `step` is complete (or, with `step` None,
+  nothing needed saving) and the same command resumes."""
 
-  def __init__(self, step: int, directory: str):
-    super().__init__(f'preempted: checkpoint of step {step} written to {directory}; run the '
-                     'same command to resume')
+  def __init__(self, step: int | None, message: str):
+    super().__init__(message)
     self.step = step
+
+  @classmethod
+  def saved(cls, step: int, directory: str) -> Preempted:
+    return cls(step, f'preempted: checkpoint of step {step} written to {directory}; run the '
+                     'same command to resume')

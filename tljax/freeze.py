@@ -8,6 +8,7 @@ pattern that matches nothing, or a configuration that freezes everything is an e
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -63,8 +64,14 @@ def parse_groups(groups: Sequence[Any]) -> list[Group]:
     if unknown:
       raise FreezeError(f'optim.groups[{index}] ({pattern!r}) has unknown rule keys {unknown}; '
                         f'allowed: {list(RULE_KEYS)}, or None to freeze')
-    parsed.append(Group(index, pattern, float(rule.get('lr_mult', 1.0)),
-                        float(rule.get('wd_mult', 1.0))))
+    multipliers = {key: rule.get(key, 1.0) for key in RULE_KEYS}
+    for key, value in multipliers.items():
+      if (not isinstance(value, (int, float)) or isinstance(value, bool)
+          or not math.isfinite(value) or value < 0):
+        raise FreezeError(f'optim.groups[{index}] ({pattern!r}): {key}={value!r} must be a '
+                          'number >= 0')
+    parsed.append(Group(index, pattern, float(multipliers['lr_mult']),
+                        float(multipliers['wd_mult'])))
   return parsed
 
 

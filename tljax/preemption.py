@@ -1,43 +1,113 @@
-"""Preemption: SIGTERM (what TPU VMs and SLURM send) asks the run to stop after its current step.
+"""Stop requests: SIGTERM (what TPU VMs and SLURM send) and SIGINT (Ctrl-C) ask a run to stop.
 
-One process: a Python handler records the signal. Several processes joined by jax.distributed:
-JAX's preemption service already listens for SIGTERM on every process and agrees on one step at
-which all of them stop, so the checkpoint they write together is consistent.
+A request never kills the process where it stands. Before the first write the run exits at once
+(nothing needed saving); in the training loop it finishes the current step, saves a checkpoint
+and exits 75. A second SIGTERM changes nothing; a second Ctrl-C aborts without saving (exit 130),
+keeping the checkpoints already complete.
+
+One process: Python handlers record the request. Several processes joined by jax.distributed:
+JAX's preemption service listens for SIGTERM on every process and agrees on one step at which all
+of them stop, so the checkpoint they write together is consistent; Ctrl-C is passed to it as a
+SIGTERM. The CLIs call `install_early()` first thing, so a signal during imports and start-up is
+recorded instead of killing the process.
 """
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import threading
 from types import FrameType
+from typing import Any
 
-import jax
-from jax.experimental import multihost_utils
+from tljax.errors import Preempted
+
+ABORT_EXIT_CODE = 130  # 128 + SIGINT, what shells report for Ctrl-C
+_early_requests: list[str] = []  # signals recorded by the start-up handlers
+_cli = False  # set by install_early: a second Ctrl-C ends the process instead of raising
 
 
-class PreemptionWatch:
-  """`reached(step)` says whether to stop after `step`; use as a context manager."""
+def _is_main_thread() -> bool:
+  return threading.current_thread() is threading.main_thread()
+
+
+def _abort(name: str) -> None:
+  sys.stderr.write(f'error: {name} again: stopped at once without saving; the checkpoints '
+                   'already complete are kept\n')
+  sys.stderr.flush()
+  os._exit(ABORT_EXIT_CODE)
+
+
+def _early_handler(signum: int, frame: FrameType | None) -> None:
+  name = signal.Signals(signum).name
+  if signum == signal.SIGINT and _early_requests:
+    _abort(name)
+  _early_requests.append(name)
+
+
+def install_early() -> None:
+  """Records SIGTERM and SIGINT from now on (CLI start-up); `StopRequests` takes them over."""
+  global _cli
+  _cli = True
+  if _is_main_thread():
+    for signum in (signal.SIGTERM, signal.SIGINT):
+      signal.signal(signum, _early_handler)
+
+
+def ignore_from_now() -> None:
+  """Ignores SIGTERM and SIGINT while the process exits: Python restores their default actions
+  during shutdown, which would turn a late signal into death by signal after a clean finish."""
+  if _is_main_thread():
+    for signum in (signal.SIGTERM, signal.SIGINT):
+      signal.signal(signum, signal.SIG_IGN)
+
+
+def requested_early() -> str | None:
+  """The first signal recorded during start-up, if any."""
+  return _early_requests[0] if _early_requests else None
+
+
+class StopRequests:
+  """The run's view of stop requests; use as a context manager around a whole run."""
 
   def __init__(self):
-    self.signalled = False
-    self._previous = None
+    import jax
     self.distributed = jax.process_count() > 1
+    self.requested: str | None = requested_early()
+    self._previous: dict[int, Any] = {}
 
-  def __enter__(self) -> PreemptionWatch:
-    if not self.distributed and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+  def __enter__(self) -> StopRequests:
+    if _is_main_thread():
+      signals = [signal.SIGINT] + ([] if self.distributed else [signal.SIGTERM])
+      for signum in signals:
+        self._previous[signum] = signal.signal(signum, self._handle)
     return self
 
   def __exit__(self, *exc) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+    self._previous.clear()
 
   def _handle(self, signum: int, frame: FrameType | None) -> None:
-    self.signalled = True
+    name = signal.Signals(signum).name
+    if signum == signal.SIGINT and self.requested:
+      if _cli:  # like a SIGKILL: a half-written checkpoint is removed on the next start
+        _abort(name)
+      raise KeyboardInterrupt(f'{name} again')  # in a notebook: stop, keep the kernel
+    self.requested = self.requested or name
+    if self.distributed and signum == signal.SIGINT:
+      os.kill(os.getpid(), signal.SIGTERM)  # to JAX's preemption service
+
+  def check(self, where: str) -> None:
+    """Before the training loop: stop now if asked (nothing needs saving yet)."""
+    if self.requested and not self.distributed:
+      raise Preempted(None, f'stopped by {self.requested} {where}; nothing needed saving. Run '
+                            'the same command to start again')
 
   def reached(self, step: int) -> bool:
     """Called after every step on every process (the distributed protocol needs each step)."""
     if self.distributed:
+      from jax.experimental import multihost_utils
       return multihost_utils.reached_preemption_sync_point(step)
-    return self.signalled
+    return self.requested is not None

@@ -79,8 +79,23 @@ def _substitute(value: Any, substitutions: Mapping[str, Any], variant: str, key:
                     '{{ or }})') from None
 
 
+SAFE_NAME = re.compile(r'[A-Za-z0-9_=+-][A-Za-z0-9_.=+-]*')
+
+
+def _check_axes(axes: Sequence[Axis]) -> None:
+  for axis in axes:
+    if not isinstance(axis.values, (list, tuple)) or not axis.values:
+      raise UserError(f'sweep axis {axis.name!r} ({axis.key}) must have a non-empty list or '
+                      f'tuple of values, got {axis.values!r}')
+    if not SAFE_NAME.fullmatch(axis.name):
+      raise UserError(f'sweep axis name {axis.name!r} must be letters, digits, _ . = + - (it '
+                      'starts every variant directory name)')
+
+
 def expand(sweep: Sweep, sweep_dir: str) -> list[Variant]:
-  """Every (override set x axis point) as a Variant, in run order: sets outer, axes inner."""
+  """Every (override set x axis point) as a Variant, in run order: sets outer, axes inner.
+  Variant names are directory names inside `sweep_dir`: anything else is refused."""
+  _check_axes(sweep.axes)
   variants, names = [], set()
   for item in sweep.variants:
     if len(item) not in (2, 3):
@@ -98,6 +113,9 @@ def expand(sweep: Sweep, sweep_dir: str) -> list[Variant]:
         if axis.key != SEED_KEY:
           group_parts.append(parts[-1])
       name = '-'.join(parts) or 'base'
+      if not SAFE_NAME.fullmatch(name):
+        raise UserError(f'sweep variant name {name!r} is not a safe directory name: use '
+                        'letters, digits and _ . = + - (not starting with a dot)')
       if name in names:
         raise UserError(f'sweep variant name {name!r} occurs twice')
       names.add(name)
@@ -140,6 +158,12 @@ def command(sweep: Sweep, variant: Variant, sweep_dir: str,
   resolved = config_lib.resolve(base)
   args = ['python', '-m', 'tljax.train', f'--config={sweep.base}',
           f'--workdir={os.path.join(sweep_dir, variant.name)}']
+  for key, value in [('--config', sweep.base), ('--workdir', sweep_dir),
+                     *variant.overrides.items()]:
+    text = value if isinstance(value, str) else repr(value)
+    if any(ord(c) < 32 or ord(c) == 127 for c in text):
+      raise UserError(f'sweep variant {variant.name!r}: {key}={text!r} holds a newline or other '
+                      'control character, which one printed command line cannot carry')
   for key, value in variant.overrides.items():
     if value is None:
       current = functools.reduce(lambda node, part: node.get(part), key.split('.'), resolved)

@@ -2,12 +2,17 @@
 
   python -m tljax.train --config=configs/FILE.py[:ARG] --workdir=DIR [--config.a.b=value ...]
 
-The same command resumes from the latest checkpoint in DIR. Exit status: 0 done, 2 bad input
-(one `error:` line naming the key, path or file), 75 preempted by SIGTERM after saving a
-checkpoint (run the same command again).
+The same command resumes from the newest complete checkpoint in DIR, and leaves a finished run
+as it is. Exit status: 0 done (or already finished), 2 bad input (one `error:` line naming the
+key, path or file), 75 stopped by SIGTERM or Ctrl-C after saving a checkpoint or before anything
+needed saving (run the same command again), 130 a second Ctrl-C (stopped at once).
 """
 
 from __future__ import annotations
+
+if __name__ == '__main__':  # from here on, SIGTERM and Ctrl-C are recorded, not fatal
+  from tljax import preemption as _preemption
+  _preemption.install_early()
 
 import dataclasses
 import os
@@ -94,8 +99,11 @@ def _with_presets(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
 
 
 def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The config a run uses: defaults filled in, zoo defaults applied, presets written out."""
-  return _with_presets(_with_zoo_defaults(config_lib.resolve(config)))
+  """The config a run uses: defaults filled in, zoo defaults applied, presets written out, every
+  value checked."""
+  config = _with_presets(_with_zoo_defaults(config_lib.resolve(config)))
+  config_lib.check_values(config)
+  return config
 
 
 def grouping_tables(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
@@ -206,20 +214,28 @@ def evaluate(eval_step, state, eval_data: pipeline.EvalBatches) -> dict[str, flo
               examples=int(sums['count']))
 
 
+def _finished(results: dict[str, Any], workdir: str, step: int) -> dict[str, Any]:
+  if jax.process_index() == 0:
+    print(f'{workdir} already finished: its results.json holds step {step}; nothing to do (raise '
+          'total_steps to train on, or pass --fresh to start over)', flush=True)
+  return results
+
+
 def run(config: ml_collections.ConfigDict, workdir: str,
         source: sources.Source | None = None, fresh: bool = False) -> dict[str, Any]:
   """Trains as `config` says in `workdir`, resuming if it holds checkpoints; returns results.
 
   Everything that can be wrong with the config, data, weights or workdir is checked before the
-  first file is written. `fresh` moves an earlier run's files aside instead of resuming them.
-  Raises errors.Preempted after saving a checkpoint when SIGTERM arrives.
+  first file is written; a finished run is left as it is. `fresh` moves an earlier run's files
+  aside instead of resuming them. Raises errors.Preempted when SIGTERM or SIGINT arrives (after
+  saving a checkpoint, once training has started).
   """
   wall_start = time.time()
   config = resolve_config(config)
   process_index, process_count = jax.process_index(), jax.process_count()
   is_main = process_index == 0
 
-  # Check: config, data, weights, workdir; nothing is written until all of them pass.
+  # Check: config, data, weights; nothing is written until all of them pass.
   layout = partition.make_layout(config.sharding, jax.device_count(), jax.local_device_count(),
                                  config.parallel)
   parallel.check_batch_size(config.data.batch_size, layout)
@@ -230,82 +246,106 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   total_steps = config_lib.total_steps(config, train_examples)
   model, params, batch_stats, groups, labels = create_train_state(config)
   config_json = config.to_json_best_effort(indent=2)
-  workdir_lib.check_writable(workdir)
-  if not fresh and checkpoint.has_checkpoints(workdir):
-    workdir_lib.check_resumable(workdir, config_json,
-                                config_lib.base_config().to_json_best_effort())
-
-  # Build: optimizer, state; report what is frozen and what was skipped.
-  if fresh:
-    moved = workdir_lib.move_aside(workdir) if is_main else None
-    parallel.sync_processes('tljax_fresh')
-    if moved:
-      print(f'--fresh: moved the earlier run to {moved}', flush=True)
-  if is_main:
-    workdir_lib.write_json(os.path.join(workdir, workdir_lib.CONFIG_FILE), config_json)
-  skipped = source.skipped_files()
-  if is_main and skipped:
-    for split, files in skipped.items():
-      print(f'skipped {len(files)} unreadable image file(s) of split {split!r}: '
-            f'{", ".join(files)}', flush=True)
-  rows = freeze.summary_rows(params, groups, config.optim.lr)
-  if is_main:
-    print(freeze.format_table(rows), flush=True)
   mask = freeze.trainable_mask(labels)
   optimizer, schedule = optim.make_optimizer(config.optim, groups, labels, total_steps)
   state = steps.TrainState(jnp.asarray(0, jnp.int32), params, batch_stats,
                            optimizer.init(params))
-  step_check = numerics.StepCheck(numerics.leaf_paths(steps.split_trainable(params, mask)[0]))
-
-  # Mixed precision: the step computes in compute_dtype from float32 parameters.
-  if dtype is not None and hasattr(model, 'dtype'):
-    model = model.clone(dtype=jnp.dtype(dtype))
-  train_model, feature_cache = model, None
-  if config.data.cache_features:  # the frozen prefix is the same in every checkpoint
-    train_model, feature_cache = _cached_features(config, model, state, labels, source,
-                                                  dtype)
-
-  # Restore the latest complete checkpoint, if any, straight into this run's layout (orbax
-  # reshards whatever process and device count wrote it), then place the state.
   runner = parallel.make_runner(config.parallel, layout)
-  ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
-  start_step = ckpt.latest_step() or 0
-  if start_step:
-    state = ckpt.restore(start_step, runner.abstract_state(state))
-    logging.info('resumed from step %d', start_step)
-    if is_main:
-      print(f'resumed from checkpoint at step {start_step}', flush=True)
-  state = runner.place_state(state)
-  # Read off the placed arrays; the step's out_shardings keep this layout to the end.
-  sharding = (dict(rule=layout.rule, **parallel.layout_summary(state, runner.mesh))
-              if runner.name == 'jit' else None)
-  if is_main and (layout.rule != 'replicate' or layout.model > 1):
-    print(_layout_line(sharding), flush=True)
-  axis_name = parallel.PMAP_AXIS if runner.name == 'pmap' else None
-  train_step = runner.compile_train(steps.make_train_step(
-      train_model, optimizer, mask, schedule, config.seed, config.optim.label_smoothing,
-      axis_name=axis_name, compute_dtype=dtype,
-      grad_accum_steps=grad_accum_steps), state)
-  eval_step = runner.compile_eval(steps.make_eval_step(
-      model, axis_name=axis_name, groupings=grouping_tables(config), compute_dtype=dtype), state)
-  if feature_cache is None:
-    batches = pipeline.train_batches(source, config.data, start_step=start_step,
-                                     seed=config.seed, process_index=process_index,
-                                     process_count=process_count)
-  else:
-    batches = pipeline.array_batches(feature_cache.arrays, config.data, start_step=start_step,
-                                     seed=config.seed, process_index=process_index,
-                                     process_count=process_count)
-  eval_data = pipeline.EvalBatches(source, config.data, process_index=process_index,
-                                   process_count=process_count)
-  log = metrics.MetricsLog(workdir, is_main, resume_step=start_step)
-  progress = metrics.Progress(total_steps, start_step)
 
-  # Step, eval, save; stop after the current step when preempted.
-  step_times, eval_metrics = [], {}
-  last_log_time, last_log_step = time.perf_counter(), start_step
-  try:
-    with preemption.PreemptionWatch() as preempt:
+  # The workdir: one run at a time; its files and checkpoints checked and the newest complete
+  # checkpoint restored (straight into this run's layout) before anything is written.
+  workdir_lib.check_writable(workdir)
+  with workdir_lib.lock(workdir), preemption.StopRequests() as stop:
+    workdir_lib.check_run_files(workdir)
+    if not fresh and checkpoint.has_checkpoints(workdir):
+      workdir_lib.check_resumable(workdir, config_json,
+                                  config_lib.base_config().to_json_best_effort())
+    resume = (checkpoint.Resume() if fresh else
+              checkpoint.restore_newest(workdir, runner.abstract_state(state)))
+    start_step = resume.step
+    if start_step > total_steps:
+      raise workdir_lib.WorkdirError(
+          f'workdir {workdir} holds a checkpoint of step {start_step}, past total_steps='
+          f'{total_steps}; set total_steps to at least {start_step}, or use another workdir')
+    earlier = None if fresh else workdir_lib.read_results(workdir)
+    if earlier is not None and start_step == total_steps == earlier['final_step']:
+      return _finished(earlier, workdir, total_steps)
+    stop.check('before anything was written')
+
+    # Build: from here on the run writes. Report what is frozen and what was skipped.
+    if fresh:
+      moved = workdir_lib.move_aside(workdir) if is_main else None
+      parallel.sync_processes('tljax_fresh')
+      if moved:
+        print(f'--fresh: moved the earlier run to {moved}', flush=True)
+    moved = checkpoint.set_aside(workdir, resume.damaged)
+    if is_main and moved:
+      print('damaged checkpoints set aside, not deleted: '
+            + '; '.join(f'step {step} ({reason}) -> {target}'
+                        for (step, reason), target in zip(resume.damaged, moved, strict=True))
+            + f'; resuming from {f"step {start_step}" if start_step else "the start"}',
+            flush=True)
+    if is_main:
+      kept = workdir_lib.keep_earlier_results(workdir) if earlier is not None else None
+      if kept:
+        print(f'training on past the earlier finish: its results are kept in {kept}', flush=True)
+      workdir_lib.write_json(os.path.join(workdir, workdir_lib.CONFIG_FILE), config_json)
+    skipped = source.skipped_files()
+    if is_main and skipped:
+      for split, files in skipped.items():
+        print(f'skipped {len(files)} unreadable image file(s) of split {split!r}: '
+              f'{", ".join(files)}', flush=True)
+    rows = freeze.summary_rows(params, groups, config.optim.lr)
+    if is_main:
+      print(freeze.format_table(rows), flush=True)
+    step_check = numerics.StepCheck(numerics.leaf_paths(steps.split_trainable(params, mask)[0]))
+
+    # Mixed precision: the step computes in compute_dtype from float32 parameters.
+    if dtype is not None and hasattr(model, 'dtype'):
+      model = model.clone(dtype=jnp.dtype(dtype))
+    train_model, feature_cache = model, None
+    if config.data.cache_features:  # the frozen prefix is the same in every checkpoint
+      train_model, feature_cache = _cached_features(config, model, state, labels, source,
+                                                    dtype)
+
+    if start_step:
+      state = resume.state
+      logging.info('resumed from step %d', start_step)
+      if is_main:
+        print(f'resumed from checkpoint at step {start_step}', flush=True)
+    state = runner.place_state(state)
+    # Read off the placed arrays; the step's out_shardings keep this layout to the end.
+    sharding = (dict(rule=layout.rule, **parallel.layout_summary(state, runner.mesh))
+                if runner.name == 'jit' else None)
+    if is_main and (layout.rule != 'replicate' or layout.model > 1):
+      print(_layout_line(sharding), flush=True)
+    axis_name = parallel.PMAP_AXIS if runner.name == 'pmap' else None
+    train_step = runner.compile_train(steps.make_train_step(
+        train_model, optimizer, mask, schedule, config.seed, config.optim.label_smoothing,
+        axis_name=axis_name, compute_dtype=dtype,
+        grad_accum_steps=grad_accum_steps), state)
+    eval_step = runner.compile_eval(steps.make_eval_step(
+        model, axis_name=axis_name, groupings=grouping_tables(config), compute_dtype=dtype),
+        state)
+    if feature_cache is None:
+      batches = pipeline.train_batches(source, config.data, start_step=start_step,
+                                       seed=config.seed, process_index=process_index,
+                                       process_count=process_count)
+    else:
+      batches = pipeline.array_batches(feature_cache.arrays, config.data,
+                                       start_step=start_step, seed=config.seed,
+                                       process_index=process_index, process_count=process_count)
+    eval_data = pipeline.EvalBatches(source, config.data, process_index=process_index,
+                                     process_count=process_count)
+    ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
+    log = metrics.MetricsLog(workdir, is_main, resume_step=start_step)
+    progress = metrics.Progress(total_steps, start_step)
+    stop.check('before the first step')
+
+    # Step, eval, save; stop after the current step when asked to.
+    step_times, eval_metrics = [], {}
+    last_log_time, last_log_step = time.perf_counter(), start_step
+    try:
       for step in range(start_step + 1, total_steps + 1):
         state, train_metrics = train_step(state, next(batches))
         step_check.push(step, train_metrics.pop('nonfinite'))  # checks the step before
@@ -325,7 +365,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
             print(f'step {step} eval ' + ' '.join(f'{k}={v:.4g}'
                                                  for k, v in eval_metrics.items()), flush=True)
           last_log_time = time.perf_counter()  # keep eval out of the step times
-        preempted = preempt.reached(step)
+        preempted = stop.reached(step)
         if step % config.checkpoint_every == 0 or last or preempted:
           step_check.flush()
           host_state = runner.host_state(state)
@@ -333,32 +373,33 @@ def run(config: ml_collections.ConfigDict, workdir: str,
           ckpt.save(step, host_state)
         if preempted:
           ckpt.wait()
-          raise Preempted(step, ckpt.directory)
+          raise Preempted.saved(step, ckpt.directory)
       step_check.flush()
-    if not eval_metrics:  # resumed at the final step: evaluate what was restored
-      eval_metrics = evaluate(eval_step, state, eval_data)
-  finally:
-    ckpt.close()
-    log.close()
+      if not eval_metrics:  # resumed at the final step: evaluate what was restored
+        eval_metrics = evaluate(eval_step, state, eval_data)
+    finally:
+      ckpt.close()
+      log.close()
 
-  trainable = sum(r['params'] for r in rows if r['status'] == 'trainable')
-  frozen = sum(r['params'] for r in rows if r['status'] == 'frozen')
-  opt_leaves, opt_bytes = optim.state_leaf_stats(runner.host_state(state).opt_state)
-  results = dict(
-      final_step=total_steps, eval=eval_metrics, wall_time_s=time.time() - wall_start,
-      median_step_time_s=statistics.median(step_times) if step_times else None,
-      preset=config.freeze.preset, pretrained=config.init.pretrained,
-      frozen_stages=freeze.frozen_stage_count(labels, get_entry(config.model.name).stages),
-      examples_per_class=config.data.examples_per_class,
-      train_examples=train_examples,
-      trainable_params=trainable, frozen_params=frozen, optimizer_state_leaves=opt_leaves,
-      optimizer_state_bytes=opt_bytes, parallel=runner.name, devices=jax.device_count(),
-      sharding=sharding,
-      processes=process_count, compute_dtype=config.compute_dtype,
-      feature_cache=None if feature_cache is None else feature_cache.summary(),
-      skipped_images={split: len(files) for split, files in skipped.items()})
-  if is_main:
-    workdir_lib.write_json(os.path.join(workdir, 'results.json'), results)
+    trainable = sum(r['params'] for r in rows if r['status'] == 'trainable')
+    frozen = sum(r['params'] for r in rows if r['status'] == 'frozen')
+    opt_leaves, opt_bytes = optim.state_leaf_stats(runner.host_state(state).opt_state)
+    results = dict(
+        final_step=total_steps, eval=eval_metrics, wall_time_s=time.time() - wall_start,
+        median_step_time_s=statistics.median(step_times) if step_times else None,
+        resumed_from_step=start_step or None,
+        preset=config.freeze.preset, pretrained=config.init.pretrained,
+        frozen_stages=freeze.frozen_stage_count(labels, get_entry(config.model.name).stages),
+        examples_per_class=config.data.examples_per_class,
+        train_examples=train_examples,
+        trainable_params=trainable, frozen_params=frozen, optimizer_state_leaves=opt_leaves,
+        optimizer_state_bytes=opt_bytes, parallel=runner.name, devices=jax.device_count(),
+        sharding=sharding,
+        processes=process_count, compute_dtype=config.compute_dtype,
+        feature_cache=None if feature_cache is None else feature_cache.summary(),
+        skipped_images={split: len(files) for split, files in skipped.items()})
+    if is_main:
+      workdir_lib.write_json(os.path.join(workdir, workdir_lib.RESULTS_FILE), results)
   return results
 
 
@@ -397,12 +438,35 @@ def main(argv: list[str]) -> None:
   except Preempted as e:
     print(str(e), file=sys.stderr)
     sys.exit(PREEMPTED_EXIT_CODE)
+  except KeyboardInterrupt as e:  # a second Ctrl-C
+    print(f'error: {e or "interrupted"}: stopped at once without saving; the checkpoints '
+          'already complete are kept', file=sys.stderr)
+    sys.exit(preemption.ABORT_EXIT_CODE)
+  finally:
+    preemption.ignore_from_now()  # the outcome is decided: a late signal must not change it
+
+
+def _config_spec(argv: list[str]) -> str | None:
+  """The value of --config in `argv` (`--config=F` or `--config F`)."""
+  for index, arg in enumerate(argv):
+    if arg.startswith('--config='):
+      return arg[len('--config='):]
+    if arg == '--config' and index + 1 < len(argv):
+      return argv[index + 1]
+  return None
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing, with a misspelt `--config.key` override reported as one line."""
+  """absl flag parsing, with a bad config file or a misspelt `--config.key` override reported
+  as one line naming it."""
   try:
+    spec = _config_spec(argv)
+    if spec is not None:
+      # The file is named for its own faults before any override is blamed.
+      config_lib.load_config_file(spec, ml_collections.ConfigDict)
     return flags.FLAGS(argv)
+  except UserError as e:
+    print(f'error: {e}', file=sys.stderr)
   except flags.Error as e:
     print(f'error: {e}', file=sys.stderr)
   except (AttributeError, KeyError, TypeError, ValueError) as e:

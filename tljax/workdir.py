@@ -1,18 +1,24 @@
-"""The workdir as a resumable record: checked before anything is written, files replaced whole.
+"""The workdir as a resumable record: locked by one run, checked before anything is written,
+files replaced whole.
 
-A run writes nothing until its config, data and weights have been checked, so bad input leaves
-an existing workdir as it was. Resuming needs the config the checkpoints were written with:
-keys that change what the state means or how it evolves must match; a few (how long to train,
-how often to log, where the data lives) may change between runs.
+A run writes nothing until its config, data, weights and the workdir's own files have been
+checked, so bad input leaves an existing workdir as it was. Resuming needs the config the
+checkpoints were written with: keys that change what the state means or how it evolves must
+match; a few (how long to train, how often to log, where the data lives) may change between runs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import socket
+import stat
+import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from flax import traverse_util
@@ -20,6 +26,9 @@ from flax import traverse_util
 from tljax.errors import UserError
 
 CONFIG_FILE = 'config.json'
+RESULTS_FILE = 'results.json'
+METRICS_FILE = 'metrics.jsonl'
+LOCK_FILE = '.tljax-lock'  # exists while a run holds the workdir; names the holder
 # Keys a resumed run may change without invalidating its checkpoints.
 RESUMABLE_CHANGES = (
     'total_steps', 'total_epochs', 'log_every', 'eval_every', 'checkpoint_every',
@@ -28,7 +37,7 @@ RESUMABLE_CHANGES = (
     # Layout only: checkpoints are resharded on restore.
     'sharding.rule', 'sharding.min_size_mb', 'sharding.model_axis',
 )
-RUN_FILES = (CONFIG_FILE, 'checkpoints', 'metrics.jsonl', 'results.json')
+RUN_FILES = (CONFIG_FILE, 'checkpoints', 'checkpoints-damaged', METRICS_FILE, RESULTS_FILE)
 
 
 class WorkdirError(UserError):
@@ -111,4 +120,138 @@ def move_aside(workdir: str) -> str | None:
   os.makedirs(target)
   for name in names:
     os.replace(os.path.join(workdir, name), os.path.join(target, name))
+  return target
+
+
+def _holder(path: str) -> str:
+  try:
+    with open(path) as f:
+      return f.read(500).strip() or 'a run that is still starting'
+  except OSError:
+    return 'another run'
+
+
+def _try_lock(workdir: str) -> int | None:
+  """An fd holding an exclusive lock on the workdir's lock file, or None if another run holds
+  it. A lock file removed by its holder between our open and our lock is opened again."""
+  path = os.path.join(workdir, LOCK_FILE)
+  while True:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      os.close(fd)
+      return None
+    try:
+      same = os.fstat(fd).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+      same = False
+    if same:
+      return fd
+    os.close(fd)
+
+
+@contextlib.contextmanager
+def lock(workdir: str) -> Iterator[None]:
+  """Holds the workdir for one run (process 0 locks it for every process of a job); a second
+  run is refused with one line naming the holder. The lock file goes when the run ends."""
+  import jax
+  from jax.experimental import multihost_utils
+
+  fd, path, holder = None, os.path.join(workdir, LOCK_FILE), 'another run'
+  if jax.process_index() == 0:
+    try:
+      fd = _try_lock(workdir)
+    except OSError as e:
+      raise WorkdirError(f'cannot lock workdir {workdir!r}: {e.strerror or e}') from None
+    if fd is None:
+      holder = _holder(path)
+  locked = fd is not None or jax.process_index() != 0
+  if jax.process_count() > 1:  # every process refuses together
+    locked = bool(multihost_utils.broadcast_one_to_all(locked))
+  if not locked:
+    raise WorkdirError(f'workdir {workdir} is in use by {holder}; wait for that run to end, or '
+                       'use another --workdir')
+  if fd is not None:
+    os.ftruncate(fd, 0)
+    os.write(fd, (f'pid {os.getpid()} on {socket.gethostname()} since '
+                  f'{time.strftime("%Y-%m-%d %H:%M:%S")}: {" ".join(sys.argv)[:300]}').encode())
+  try:
+    yield
+  finally:
+    if fd is not None:
+      with contextlib.suppress(OSError):
+        os.unlink(path)
+      os.close(fd)  # releases the lock
+
+
+def _kind_error(path: str, expected: str) -> WorkdirError:
+  return WorkdirError(f'{path} is not a {expected}; this workdir was damaged or is not a tljax '
+                      'workdir. Move it away (or pass --fresh to move the earlier run aside)')
+
+
+def check_run_files(workdir: str) -> None:
+  """The files an earlier run left are what a run reads or appends to: each must be of its
+  kind and readable, or the run is refused before it writes anything."""
+  for name, kind in ((CONFIG_FILE, 'file'), (RESULTS_FILE, 'file'), (METRICS_FILE, 'file'),
+                     ('checkpoints', 'directory')):
+    path = os.path.join(workdir, name)
+    if not os.path.lexists(path):
+      continue
+    try:
+      mode = os.stat(path).st_mode
+    except OSError as e:
+      raise WorkdirError(f'{path}: {e.strerror or e}; move it away') from None
+    if not (stat.S_ISDIR(mode) if kind == 'directory' else stat.S_ISREG(mode)):
+      raise _kind_error(path, 'directory' if kind == 'directory' else 'regular file')
+  _check_metrics_file(os.path.join(workdir, METRICS_FILE))
+  read_results(workdir)
+
+
+def _check_metrics_file(path: str) -> None:
+  """metrics.jsonl must be UTF-8 JSON lines; only its last line may be cut short (a process
+  killed while writing it)."""
+  if not os.path.exists(path):
+    return
+  try:
+    with open(path, 'rb') as f:
+      lines = f.read().split(b'\n')
+  except OSError as e:
+    raise WorkdirError(f'{path}: {e.strerror or e}') from None
+  for number, raw in enumerate(lines[:-1], 1):  # every line ended by a newline
+    try:
+      record = json.loads(raw.decode('utf-8'))
+      if not isinstance(record, dict) or not isinstance(record.get('step'), int):
+        raise ValueError('not a {"step": ...} record')
+    except (UnicodeDecodeError, ValueError) as e:
+      raise WorkdirError(f'{path}:{number} is damaged ({type(e).__name__}: {str(e)[:80]}); '
+                         'repair or move the file away, or pass --fresh to move the earlier '
+                         'run aside') from None
+
+
+def read_results(workdir: str) -> dict[str, Any] | None:
+  """The results.json a finished run wrote, or None; a damaged one is an error naming it."""
+  path = os.path.join(workdir, RESULTS_FILE)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path, encoding='utf-8') as f:
+      results = json.load(f)
+    if not isinstance(results, dict) or not isinstance(results.get('final_step'), int):
+      raise ValueError('no final_step')
+  except (OSError, UnicodeDecodeError, ValueError) as e:
+    raise WorkdirError(f'{path} is damaged ({type(e).__name__}: {str(e)[:80]}); move it away '
+                       'and run the same command to write it again from the final '
+                       'checkpoint') from None
+  return results
+
+
+def keep_earlier_results(workdir: str) -> str | None:
+  """A run extended past an earlier finish keeps the earlier results.json as
+  results-step<N>.json (N its final step) instead of overwriting it later; returns that path."""
+  results = read_results(workdir)
+  if results is None:
+    return None
+  target = os.path.join(workdir, f'results-step{results["final_step"]}.json')
+  os.replace(os.path.join(workdir, RESULTS_FILE), target)
   return target

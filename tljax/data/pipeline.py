@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from tljax.data import preprocess
-from tljax.data.sources import DataError, Source, corrupt_message
+from tljax.data import image_files, preprocess
+from tljax.data.sources import DataError, Source
 from tljax.data.tf_quiet import tf  # TF with accelerators hidden
 
 AUTOTUNE = -1
@@ -68,6 +68,15 @@ def check_splits(source: Source, config: Mapping[str, Any], num_classes: int) ->
         raise DataError(f'label {labels[bad[0]]} of example {bad[0]} in split {config[key]!r} '
                         f'(data.{key}) is outside [0, {num_classes}) (model.num_classes); '
                         f'{bad.size} labels are out of range')
+  if source.labels_in_memory:  # a class never seen in training is one the model cannot learn
+    seen = np.bincount(source.labels(config['train_split']), minlength=num_classes)
+    absent = np.flatnonzero(seen[:num_classes] == 0).tolist()
+    if absent:
+      names = getattr(source, 'class_names', None)
+      shown = [names[c] for c in absent] if names else absent
+      raise DataError(f'class(es) {shown} have no examples in split {config["train_split"]!r} '
+                      '(data.train_split); add examples, or leave the class out (data.classes '
+                      'or model.num_classes)')
   return train_examples
 
 
@@ -76,9 +85,9 @@ def _named_decode_errors(batches: Iterator[Any], source: Source, split: str) -> 
   try:
     yield from batches
   except tf.errors.InvalidArgumentError as e:
-    files = source.corrupt_files(split)
-    if files:
-      raise DataError(corrupt_message(split, files)) from None
+    found = source.corrupt_files(split)  # changed since they were checked at the start
+    if found:
+      raise DataError(image_files.message(split, found)) from None
     reason = e.message.strip().splitlines()[-1] if e.message else type(e).__name__
     raise DataError(f'cannot decode an example of split {split!r}: {reason}') from None
 

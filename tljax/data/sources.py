@@ -18,10 +18,12 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from tljax import npz
+from tljax.data import image_files
 from tljax.data.tf_quiet import tf  # TF with accelerators hidden
 from tljax.errors import UserError
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif')
+DEFAULT_MAX_PIXELS = 100_000_000  # data.max_image_pixels
 
 
 class DataError(UserError):
@@ -31,6 +33,7 @@ class DataError(UserError):
 class Source:
   """Interface: records, labels and size of each split, and how to decode an image."""
   num_classes: int | None = None
+  labels_in_memory = True  # labels() costs nothing (not a scan of a whole dataset)
 
   def records(self, split: str) -> tf.data.Dataset:
     raise NotImplementedError
@@ -44,9 +47,9 @@ class Source:
   def decode(self, image: tf.Tensor, channels: int) -> tf.Tensor:
     return tf.io.decode_image(image, channels=channels, expand_animations=False)
 
-  def corrupt_files(self, split: str) -> list[str]:
-    """Files of `split` that cannot be decoded (sources that read files say which)."""
-    return []
+  def corrupt_files(self, split: str) -> dict[str, str]:
+    """Files of `split` that cannot be used, and why (sources that read files say which)."""
+    return {}
 
   def skipped_files(self) -> dict[str, list[str]]:
     """Unreadable files left out of each split (data.skip_corrupt_images)."""
@@ -55,6 +58,8 @@ class Source:
 
 class TfdsSource(Source):
   """A TFDS dataset already prepared in `data_dir` (or mocked with tfds.testing.mock_data)."""
+
+  labels_in_memory = False
 
   def __init__(self, name: str, data_dir: str | None = None, image_key: str = 'image',
                label_key: str = 'label'):
@@ -91,16 +96,17 @@ class TfdsSource(Source):
 class FolderSource(Source):
   """`root/<split>/<class name>/*.png|jpg`, the tfds ImageFolder layout; classes sorted by name.
 
-  Listing a split checks every file's signature and ending (a cheap read of its first and last
-  bytes), so an empty, truncated or foreign file fails the run before anything is written,
-  naming it. With `skip_corrupt`, every file is instead decoded once and the unreadable ones are
-  left out and counted. Damage inside a well-formed file is named when training meets it.
+  Listing a split checks every file before anything is written (tljax.data.image_files): a link
+  that leads nowhere, an image over `max_pixels` or one that does not decode fails the run,
+  naming the files, or with `skip_corrupt` is left out and counted. A class folder without
+  images is an error, not a class the model could never predict.
   """
 
-  def __init__(self, root: str, skip_corrupt: bool = False):
+  def __init__(self, root: str, skip_corrupt: bool = False,
+               max_pixels: int = DEFAULT_MAX_PIXELS):
     if not os.path.isdir(root):
       raise DataError(f'image folder {root!r} (data.path) does not exist')
-    self.root, self.skip_corrupt = root, skip_corrupt
+    self.root, self.skip_corrupt, self.max_pixels = root, skip_corrupt, max_pixels
     self.skipped: dict[str, list[str]] = {}
     splits = [d for d in sorted(os.listdir(root)) if os.path.isdir(os.path.join(root, d))]
     names = sorted({c for s in splits for c in os.listdir(os.path.join(root, s))
@@ -120,23 +126,22 @@ class FolderSource(Source):
       class_dir = os.path.join(split_dir, name)
       if not os.path.isdir(class_dir):
         continue
-      for file in sorted(os.listdir(class_dir)):
-        if file.lower().endswith(IMAGE_EXTENSIONS):
-          paths.append(os.path.join(class_dir, file))
-          labels.append(label)
-    if self.skip_corrupt:
-      bad = set(undecodable(paths))
-      self.skipped[split] = sorted(bad)
-      labels = [y for p, y in zip(paths, labels, strict=True) if p not in bad]
-      paths = [p for p in paths if p not in bad]
-    else:
-      broken = [p for p in paths if not looks_complete(p)]
-      if broken:
-        raise DataError(corrupt_message(split, broken))
+      files = [f for f in sorted(os.listdir(class_dir)) if f.lower().endswith(IMAGE_EXTENSIONS)]
+      if not files:
+        raise DataError(f'class folder {class_dir} holds no image files '
+                        f'({", ".join(IMAGE_EXTENSIONS)}); add images or remove the folder')
+      paths += [os.path.join(class_dir, f) for f in files]
+      labels += [label] * len(files)
+    found = image_files.problems(paths, self.max_pixels)
+    if found and not self.skip_corrupt:
+      raise DataError(image_files.message(split, found))
+    self.skipped[split] = sorted(found)
+    labels = [y for p, y in zip(paths, labels, strict=True) if p not in found]
+    paths = [p for p in paths if p not in found]
     return paths, np.asarray(labels, np.int32)
 
-  def corrupt_files(self, split: str) -> list[str]:
-    return undecodable(self._files(split)[0])
+  def corrupt_files(self, split: str) -> dict[str, str]:
+    return image_files.problems(self._files(split)[0], self.max_pixels)
 
   def skipped_files(self) -> dict[str, list[str]]:
     return {split: files for split, files in self.skipped.items() if files}
@@ -152,45 +157,6 @@ class FolderSource(Source):
   def decode(self, image: tf.Tensor, channels: int) -> tf.Tensor:
     return tf.io.decode_image(tf.io.read_file(image), channels=channels,
                               expand_animations=False)
-
-
-def looks_complete(path: str) -> bool:
-  """Whether an image file starts with a known signature and ends as that format ends (PNG's
-  IEND chunk, JPEG's end-of-image marker near the end, GIF's trailer, BMP's declared size)."""
-  size = os.path.getsize(path)
-  with open(path, 'rb') as f:
-    head = f.read(8)
-    f.seek(max(0, size - 4096))
-    tail = f.read()
-  if head == b'\x89PNG\r\n\x1a\n':
-    return tail[-8:-4] == b'IEND'
-  if head.startswith(b'\xff\xd8\xff'):
-    return b'\xff\xd9' in tail
-  if head.startswith(b'GIF8'):
-    return tail.endswith(b';')
-  if head.startswith(b'BM'):
-    return size >= int.from_bytes(head[2:6], 'little')
-  return False
-
-
-def corrupt_message(split: str, files: Sequence[str]) -> str:
-  shown = ', '.join(files[:5]) + (f' and {len(files) - 5} more' if len(files) > 5 else '')
-  return (f'{len(files)} image file(s) of split {split!r} are corrupt or truncated: {shown}. '
-          'Replace or remove them, or set data.skip_corrupt_images=True to leave them out and '
-          'count them')
-
-
-def undecodable(paths: Sequence[str]) -> list[str]:
-  """The image files among `paths` that TensorFlow cannot decode, in one parallel pass."""
-  def index_if_readable(index, path):
-    image = tf.io.decode_image(tf.io.read_file(path), expand_animations=False)
-    return index, tf.shape(image)[0]
-
-  readable = (tf.data.Dataset.from_tensor_slices(tf.constant(list(paths), tf.string))
-              .enumerate().map(index_if_readable, num_parallel_calls=tf.data.AUTOTUNE)
-              .ignore_errors())
-  good = {int(index) for index, _ in readable.as_numpy_iterator()}
-  return [path for index, path in enumerate(paths) if index not in good]
 
 
 class ArraySource(Source):
@@ -277,6 +243,7 @@ class ClassSubset(Source):
   def __init__(self, source: Source, classes: Sequence[int]):
     self.source, self.classes = source, [int(c) for c in classes]
     self.num_classes = len(self.classes)
+    self.labels_in_memory = source.labels_in_memory
     self.decode = source.decode
     self.corrupt_files = source.corrupt_files
     self.skipped_files = source.skipped_files
@@ -338,13 +305,17 @@ class ElpvSource(Source):
 
   2,624 grayscale 300x300 PNGs; the label is the defect probability 0, 1/3, 2/3 or 1 as class
   0..3. Splits: 'train' and 'test' are a fixed 75/25 split, seeded and stratified by class and
-  cell type (mono/poly), as in the dataset's paper; 'all' is every cell.
+  cell type (mono/poly), as in the dataset's paper; 'all' is every cell. A split's files are
+  checked as an image folder's are when it is first used.
   """
   TEST_FRACTION, SPLIT_SEED = 0.25, 0
   num_classes = len(ELPV_CLASSES)
 
-  def __init__(self, root: str | None = None):
+  def __init__(self, root: str | None = None, skip_corrupt: bool = False,
+               max_pixels: int = DEFAULT_MAX_PIXELS):
     root = root or elpv_root()
+    self.skip_corrupt, self.max_pixels = skip_corrupt, max_pixels
+    self.skipped: dict[str, list[str]] = {}
     labels_csv = os.path.join(root, 'labels.csv')
     if not os.path.isfile(labels_csv):
       raise DataError(f'ELPV labels file {labels_csv} not found (data.path)')
@@ -373,10 +344,22 @@ class ElpvSource(Source):
     train, test = stratified_split(strata, self.TEST_FRACTION, self.SPLIT_SEED)
     self.split_indices = {'train': train, 'test': test, 'all': np.arange(len(paths))}
 
+  @functools.lru_cache(maxsize=8)  # noqa: B019
   def _indices(self, split: str) -> np.ndarray:
     if split not in self.split_indices:
       raise DataError(f'ELPV has splits {sorted(self.split_indices)}, not {split!r}')
-    return self.split_indices[split]
+    index = self.split_indices[split]
+    found = image_files.problems(list(self.paths[index]), self.max_pixels)
+    if found and not self.skip_corrupt:
+      raise DataError(image_files.message(split, found))
+    self.skipped[split] = sorted(found)
+    return np.asarray([i for i in index if self.paths[i] not in found], np.int64)
+
+  def corrupt_files(self, split: str) -> dict[str, str]:
+    return image_files.problems(list(self.paths[self._indices(split)]), self.max_pixels)
+
+  def skipped_files(self) -> dict[str, list[str]]:
+    return {split: files for split, files in self.skipped.items() if files}
 
   def records(self, split: str) -> tf.data.Dataset:
     index = self._indices(split)
@@ -397,13 +380,15 @@ def make_source(config: Mapping[str, Any]) -> Source:
     source = TfdsSource(config['name'], config.get('data_dir'),
                         config.get('image_key', 'image'), config.get('label_key', 'label'))
   elif kind == 'folder':
-    source = FolderSource(config['path'], bool(config.get('skip_corrupt_images')))
+    source = FolderSource(config['path'], bool(config.get('skip_corrupt_images')),
+                          int(config.get('max_image_pixels', DEFAULT_MAX_PIXELS)))
   elif kind == 'npz':
     source = ArraySource.from_npz(config['path'])
   elif kind == 'idx':
     source = idx_source(config['path'])
   elif kind == 'elpv':
-    source = ElpvSource(config.get('path') or None)
+    source = ElpvSource(config.get('path') or None, bool(config.get('skip_corrupt_images')),
+                        int(config.get('max_image_pixels', DEFAULT_MAX_PIXELS)))
   else:
     raise DataError(f"data.source must be 'tfds', 'folder', 'npz', 'idx' or 'elpv', got {kind!r}")
   if config.get('classes'):
