@@ -209,8 +209,46 @@ def test_none_over_a_set_base_value_cannot_become_a_flag(base_file):
 
 
 def test_load_sweep_rejects_a_plain_config(base_file):
-  with pytest.raises(UserError, match='must return a tljax.sweep.Sweep'):
+  with pytest.raises(UserError, match='returned ConfigDict, not a Sweep'):
     ablate.load_sweep(base_file)
+
+
+@pytest.mark.parametrize('name', ['../../escaped', '/abs', '.hidden', 'a/b', '..', 'a b', ''])
+def test_variant_names_must_be_safe_directory_names(name):
+  sweep = Sweep(base='x.py', variants=[(name, {'seed': 1})])
+  if name == '':  # an empty set name is the base variant: the name is 'base'
+    assert [v.name for v in expand(sweep, '/d')] == ['base']
+    return
+  with pytest.raises(UserError, match=f'sweep variant name {name!r} is not a safe directory'):
+    expand(sweep, '/d')
+  axis = Sweep(base='x.py', axes=[Axis(name or 'x', 'seed', (1,))])
+  if name:
+    with pytest.raises(UserError, match='axis name|not a safe directory'):
+      expand(axis, '/d')
+
+
+def test_an_axis_without_values_is_named():
+  sweep = Sweep(base='x.py', axes=[Axis('k', 'data.examples_per_class', ())])
+  with pytest.raises(UserError, match="sweep axis 'k' .* must have a non-empty list or tuple"):
+    expand(sweep, '/d')
+
+
+def test_a_newline_in_a_swept_value_cannot_split_a_printed_command(base_file):
+  from tljax.config import load_config_file
+  sweep = Sweep(base=base_file, variants=[('a', {'data.name': 'mnist\n--config.seed=9'})])
+  (variant,) = expand(sweep, '/d')
+  with pytest.raises(UserError, match="'a': data.name=.* holds a newline"):
+    command(sweep, variant, '/d', load_config_file(base_file))
+
+
+def test_a_cut_short_results_file_of_a_finished_variant_is_named(base_file, tmp_path):
+  sweep = Sweep(base=base_file, variants=[('a', {})])
+  (tmp_path / 'a').mkdir()
+  (tmp_path / 'a' / 'results.json').write_text('{"final_step": 6, "ev')
+  with pytest.raises(UserError, match=f'{tmp_path / "a" / "results.json"} is damaged'):
+    ablate.run_sweep(sweep, str(tmp_path))
+  with pytest.raises(UserError, match='is damaged'):
+    ablate.write_results(sweep, str(tmp_path), expand(sweep, str(tmp_path)))
 
 
 def test_plot_lines_sort_points_per_series_and_split_off_references(tmp_path):

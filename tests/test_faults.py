@@ -187,15 +187,22 @@ def test_sigkill_at_random_moments_loses_nothing(run_args, uninterrupted, tmp_pa
         f'checkpoint, resumed at {resumes}; final state bitwise equal')
 
 
-def test_sigterm_saves_exits_75_and_the_same_command_resumes(run_args, uninterrupted, tmp_path):
+@pytest.mark.parametrize('signals', [('SIGTERM',), ('SIGINT',), ('SIGTERM', 'SIGTERM')],
+                         ids=['SIGTERM', 'Ctrl-C', 'SIGTERM twice 300 ms apart'])
+def test_a_stop_request_saves_exits_75_and_the_same_command_resumes(run_args, uninterrupted,
+                                                                    tmp_path, signals):
   workdir = tmp_path / 'preempted'
   process = _start(workdir, run_args, 'preempted')
   while not _complete_steps(workdir):  # in the training loop
     assert process.poll() is None, _output(process)[-3000:]
     time.sleep(0.005)
-  process.send_signal(signal.SIGTERM)
+  for index, name in enumerate(signals):
+    if index:
+      time.sleep(0.3)
+    process.send_signal(getattr(signal, name))
   assert process.wait(timeout=120) == PREEMPTED_EXIT_CODE, _output(process)[-3000:]
   output = _output(process)
+  assert 'Traceback' not in output
   step = int(output.split('preempted: checkpoint of step ')[1].split()[0])
   assert 0 < step < TOTAL_STEPS
   assert _complete_steps(workdir)[-1] == step and not _partial_checkpoints(workdir)
@@ -204,6 +211,46 @@ def test_sigterm_saves_exits_75_and_the_same_command_resumes(run_args, uninterru
   assert resumed.wait(timeout=300) == 0, _output(resumed)[-3000:]
   assert f'resumed from checkpoint at step {step}' in _output(resumed)
   _assert_bitwise_equal(uninterrupted[0], _final_state(workdir))
+
+
+def test_a_second_ctrl_c_aborts_at_once_and_a_rerun_resumes_bit_exact(run_args, uninterrupted,
+                                                                      tmp_path):
+  workdir = tmp_path / 'aborted'
+  process = _start(workdir, run_args, 'aborted')
+  while not _complete_steps(workdir):
+    assert process.poll() is None, _output(process)[-3000:]
+    time.sleep(0.005)
+  process.send_signal(signal.SIGINT)
+  time.sleep(0.01)
+  process.send_signal(signal.SIGINT)
+  assert process.wait(timeout=120) == 130, _output(process)[-3000:]
+  output = _output(process)
+  errors = [line for line in output.splitlines() if line.startswith('error:')]
+  assert errors == ['error: SIGINT again: stopped at once without saving; the checkpoints '
+                    'already complete are kept'], output[-3000:]
+  assert 'Traceback' not in output
+  complete = _complete_steps(workdir)
+  resumed = _start(workdir, run_args, 'resumed')
+  assert resumed.wait(timeout=300) == 0, _output(resumed)[-3000:]
+  assert f'resumed from checkpoint at step {complete[-1]}' in _output(resumed)
+  _assert_bitwise_equal(uninterrupted[0], _final_state(workdir))
+
+
+@pytest.mark.parametrize('delay_s', [0.5, 2.5])
+def test_a_stop_request_during_start_up_exits_75_having_written_nothing(run_args, tmp_path,
+                                                                        delay_s):
+  """During imports (0.5 s) and while data and model are built (2.5 s)."""
+  workdir = tmp_path / 'early'
+  process = _start(workdir, run_args, 'early')
+  time.sleep(delay_s)
+  process.send_signal(signal.SIGTERM)
+  assert process.wait(timeout=120) == PREEMPTED_EXIT_CODE, _output(process)[-3000:]
+  output = _output(process)
+  assert ('stopped by SIGTERM before anything was written; nothing needed saving' in output
+          or 'preempted: checkpoint of step ' in output), output[-3000:]
+  assert 'Traceback' not in output
+  if 'nothing needed saving' in output:
+    assert snapshot(workdir) == {}
 
 
 def _array_source():

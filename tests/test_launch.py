@@ -11,6 +11,7 @@ import sys
 import tarfile
 import textwrap
 
+import pytest
 from conftest import REPO
 
 LAUNCH = os.path.join(REPO, 'launch')
@@ -119,6 +120,21 @@ def test_tpu_vm_refuses_what_it_cannot_run(tmp_path):
   assert result.stdout == ''  # refused before the first VM: no create for line 1 either
   assert _tpu_vm(['--dry-run', '--accelerator', 'v5litepod-16', 'create'],
                  tmp_path).stdout.split()[7] == '--version=v2-alpha-tpuv5-lite'
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--name', 'x;touch pwned', 'run', 'c.py', 'w'], "--name (TPU_NAME) 'x;touch pwned' must"),
+    (['--name', 'Upper', 'run', 'c.py', 'w'], "--name (TPU_NAME) 'Upper' must be"),
+    (['--name', 'ends-', 'run', 'c.py', 'w'], "--name (TPU_NAME) 'ends-' must be"),
+    (['--zone', 'us$(id)', 'run', 'c.py', 'w'], "--zone 'us$(id)' may hold only"),
+    (['--name'], '--name needs a value'),
+    (['--name', '--zone', 'z', 'create'], '--name needs a value'),
+])
+def test_tpu_vm_refuses_names_that_would_need_quoting(tmp_path, args, message):
+  result = _tpu_vm(['--dry-run', *args], tmp_path)
+  assert result.returncode == 2 and result.stdout == ''
+  [line] = result.stderr.strip().splitlines()
+  assert line.startswith(f'error: {message}'), line
 
 
 def _sweep_commands(tmp_path, npz_path):

@@ -74,10 +74,11 @@ def _leaf_specs(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
 def _check_fits(metadata: Any, like: Any, where: str) -> None:
   """Refuses a checkpoint whose arrays (names, shapes, dtypes) are not those of `like`."""
   saved, wanted = _leaf_specs(metadata), _leaf_specs(like)
+  order = lambda keys: sorted(keys, key=lambda k: (not k.startswith('params/'), k))  # noqa: E731
   differences = [f'{k} is {saved[k][0]} {saved[k][1]} there, {wanted[k][0]} {wanted[k][1]} '
-                 'here' for k in sorted(saved.keys() & wanted.keys()) if saved[k] != wanted[k]]
-  differences += [f'{k} only there' for k in sorted(saved.keys() - wanted.keys())]
-  differences += [f'{k} only here' for k in sorted(wanted.keys() - saved.keys())]
+                 'here' for k in order(saved.keys() & wanted.keys()) if saved[k] != wanted[k]]
+  differences += [f'{k} only there' for k in order(saved.keys() - wanted.keys())]
+  differences += [f'{k} only here' for k in order(wanted.keys() - saved.keys())]
   if differences:
     shown = '; '.join(differences[:3]) + (f' and {len(differences) - 3} more'
                                           if len(differences) > 3 else '')
@@ -122,7 +123,7 @@ def restore_newest(workdir: str, like: Any) -> Resume:
   steps = step_names(directory)
   if not steps:
     return resume
-  options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+  options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
   with _quiet_orbax():
     manager = ocp.CheckpointManager(directory, item_handlers=ocp.StandardCheckpointHandler(),
                                     options=options)

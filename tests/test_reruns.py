@@ -1,0 +1,184 @@
+"""A rerun never destroys what is on disk: a finished run is left as it is, a shorter total is
+refused, a damaged checkpoint is set aside (never deleted) and the run resumes from the newest
+one that restores, another model's checkpoint is refused, and one run at a time holds a workdir.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from conftest import REPO, small_config, snapshot
+
+from tljax import checkpoint, train
+from tljax import workdir as workdir_lib
+from tljax.errors import PREEMPTED_EXIT_CODE, UserError
+from tljax.weights.read import restore_latest
+
+
+@pytest.fixture(scope='module')
+def finished(tmp_path_factory):
+  """A finished 6-step run (checkpoints 3 and 6), its data, and the final states of taking it
+  on to 9 steps from each of its checkpoints (the one of step 6 removed for the second)."""
+  root = tmp_path_factory.mktemp('finished')
+  from conftest import make_arrays
+  data = root / 'data.npz'
+  train_arrays, test_arrays = make_arrays(per_class=16, seed=0), make_arrays(per_class=5, seed=1)
+  np.savez(data, train_images=train_arrays[0], train_labels=train_arrays[1],
+           test_images=test_arrays[0], test_labels=test_arrays[1])
+  train.run(small_config(**{'data.path': str(data)}), str(root / 'run'))
+  nine = small_config(**{'data.path': str(data), 'total_steps': 9})
+  shutil.copytree(root / 'run', root / 'from6')
+  train.run(nine, str(root / 'from6'))
+  shutil.copytree(root / 'run', root / 'from3', ignore=shutil.ignore_patterns('6'))
+  train.run(nine, str(root / 'from3'))
+  return root / 'run', str(data), {6: _state(root / 'from6'), 3: _state(root / 'from3')}
+
+
+def _state(workdir) -> dict[str, np.ndarray]:
+  flat, _ = jax.tree_util.tree_flatten_with_path(restore_latest(str(workdir)))
+  return {jax.tree_util.keystr(path): np.asarray(value) for path, value in flat}
+
+
+def _copy(run_dir, tmp_path, name='run'):
+  target = tmp_path / name
+  shutil.copytree(run_dir, target)
+  return target
+
+
+def test_rerunning_a_finished_run_leaves_every_byte(finished, tmp_path, capsys):
+  run_dir = _copy(finished[0], tmp_path)
+  before = snapshot(run_dir)
+  results = train.run(small_config(**{'data.path': finished[1]}), str(run_dir))
+  assert snapshot(run_dir) == before
+  assert results == json.loads((run_dir / 'results.json').read_text())
+  assert results['wall_time_s'] > 1.0 and results['median_step_time_s'] is not None
+  assert f'{run_dir} already finished: its results.json holds step 6' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('total', [4, 1])
+def test_a_total_below_the_saved_step_is_refused_naming_both(finished, tmp_path, total):
+  run_dir = _copy(finished[0], tmp_path)
+  before = snapshot(run_dir)
+  with pytest.raises(workdir_lib.WorkdirError,
+                     match=f'holds a checkpoint of step 6, past total_steps={total}'):
+    train.run(small_config(**{'data.path': finished[1], 'total_steps': total}), str(run_dir))
+  assert snapshot(run_dir) == before
+
+
+def test_training_on_past_a_finish_keeps_the_earlier_results(finished, tmp_path):
+  run_dir = _copy(finished[0], tmp_path)
+  earlier = (run_dir / 'results.json').read_bytes()
+  results = train.run(small_config(**{'data.path': finished[1], 'total_steps': 9}), str(run_dir))
+  assert (run_dir / 'results-step6.json').read_bytes() == earlier
+  assert results['final_step'] == 9 and results['resumed_from_step'] == 6
+  assert json.loads((run_dir / 'results.json').read_text())['final_step'] == 9
+
+
+def _truncate_array_files(step_dir) -> None:
+  """Cuts every data file of an orbax (OCDBT) checkpoint to half its length: where a leaf's
+  bytes live depends on the layout, so all of them."""
+  for root, _, names in os.walk(step_dir):
+    if os.path.basename(root) == 'd':
+      for name in names:
+        path = os.path.join(root, name)
+        os.truncate(path, os.path.getsize(path) // 2)
+
+
+def test_a_damaged_latest_checkpoint_is_set_aside_and_training_resumes_from_the_one_before(
+    finished, tmp_path, capsys):
+  run_dir = _copy(finished[0], tmp_path)
+  _truncate_array_files(run_dir / 'checkpoints' / '6')
+  damaged = snapshot(run_dir / 'checkpoints' / '6')
+  results = train.run(small_config(**{'data.path': finished[1], 'total_steps': 9}), str(run_dir))
+  printed = capsys.readouterr().out
+  [line] = [line for line in printed.splitlines() if line.startswith('damaged')]
+  assert line.startswith('damaged checkpoints set aside, not deleted: step 6 (')
+  assert line.endswith(f'-> {run_dir / "checkpoints-damaged" / "6"}; resuming from step 3')
+  assert snapshot(run_dir / 'checkpoints-damaged' / '6') == damaged  # every byte kept
+  assert results['resumed_from_step'] == 3
+  final = _state(run_dir)
+  for key, value in finished[2][3].items():  # as if the damaged one had never been written
+    assert np.array_equal(final[key], value), key
+
+
+def test_an_empty_step_directory_is_set_aside(finished, tmp_path, capsys):
+  run_dir = _copy(finished[0], tmp_path)
+  (run_dir / 'checkpoints' / '9').mkdir()
+  results = train.run(small_config(**{'data.path': finished[1], 'total_steps': 9}), str(run_dir))
+  assert 'step 9 (incomplete: no _CHECKPOINT_METADATA)' in capsys.readouterr().out
+  assert (run_dir / 'checkpoints-damaged' / '9').is_dir()
+  assert results['resumed_from_step'] == 6
+  final = _state(run_dir)
+  for key, value in finished[2][6].items():
+    assert np.array_equal(final[key], value), key
+
+
+def test_a_checkpoint_of_another_model_is_refused_not_set_aside(finished, tmp_path):
+  """Without config.json to compare, the checkpoint's own shapes show the width differs."""
+  run_dir = _copy(finished[0], tmp_path)
+  (run_dir / 'config.json').unlink()
+  before = snapshot(run_dir)
+  config = small_config(**{'data.path': finished[1], 'model.width': 8, 'total_steps': 9})
+  with pytest.raises(checkpoint.CheckpointMismatch) as raised:
+    train.run(config, str(run_dir))
+  message = str(raised.value)
+  assert f'checkpoint {run_dir / "checkpoints" / "6"} holds the state of another model' in message
+  assert 'params/head/kernel is (16, 3) float32 there, (32, 3) float32 here' in message
+  assert snapshot(run_dir) == before
+
+
+def test_a_run_in_a_workdir_another_run_holds_is_refused_naming_it(finished, tmp_path):
+  run_dir = _copy(finished[0], tmp_path)
+  with workdir_lib.lock(str(run_dir)):
+    before = snapshot(run_dir)
+    with pytest.raises(UserError, match=f'workdir {run_dir} is in use by pid {os.getpid()} '):
+      train.run(small_config(**{'data.path': finished[1], 'total_steps': 9}), str(run_dir))
+    assert snapshot(run_dir) == before
+  assert not (run_dir / workdir_lib.LOCK_FILE).exists()  # gone with its holder
+
+
+def test_two_processes_started_together_one_runs_the_other_is_refused(tmp_path, npz_path):
+  workdir = tmp_path / 'run'
+  command = [sys.executable, '-m', 'tljax.train', f'--config={REPO}/configs/tests/arrays.py',
+             f'--workdir={workdir}', f'--config.data.path={npz_path}',
+             '--config.total_steps=100000', '--config.log_every=1']
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+  first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)
+  second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+  try:
+    assert second.returncode == 2, second.stderr[-2000:]
+    [error] = [line for line in second.stderr.splitlines() if line.startswith('error:')]
+    assert error.startswith(f'error: workdir {workdir} is in use by pid {first.pid} on ')
+  finally:
+    while first.poll() is None and not (workdir / 'checkpoints').is_dir():
+      time.sleep(0.05)
+    first.send_signal(signal.SIGTERM)
+  assert first.wait(timeout=120) in (0, PREEMPTED_EXIT_CODE), first.stderr.read()[-2000:]
+  logged = [json.loads(line)['step'] for line in (workdir / 'metrics.jsonl').open()]
+  assert logged == sorted(set(logged))  # one trajectory, every step once
+
+
+def test_a_checkpoint_directory_removed_during_a_failed_save_is_reported_truthfully(
+    tmp_path, monkeypatch):
+  ckpt = checkpoint.Checkpointer(str(tmp_path))
+  ckpt.save(3, {'w': np.arange(4.0)})
+  ckpt.wait()
+
+  def save_into_nowhere(*args, **kwargs):
+    shutil.rmtree(ckpt.directory)
+    raise OSError(28, 'No space left on device')
+
+  monkeypatch.setattr(ckpt.manager, 'save', save_into_nowhere)
+  with pytest.raises(checkpoint.CheckpointWriteError,
+                     match=f'the directory {ckpt.directory} no longer exists .* so no '
+                           'checkpoint is kept'):
+    ckpt.save(6, {'w': np.arange(4.0)})
