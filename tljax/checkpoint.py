@@ -115,15 +115,17 @@ def _drop_closed_loop_errors() -> None:
   sys.unraisablehook = hook
 
 
-def restore_newest(workdir: str, like: Any) -> Resume:
+def restore_newest(workdir: str, like: Any = None) -> Resume:
   """The newest checkpoint in `workdir` that restores completely into `like` (abstract arrays
-  with target shardings), passing over damaged ones; nothing is written or moved here."""
+  with target shardings; None: as saved, on this process's first device), passing over damaged
+  ones; nothing is written or moved here."""
   directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
   resume = Resume()
   steps = step_names(directory)
   if not steps:
     return resume
   options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+  first_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   with _quiet_orbax():
     manager = ocp.CheckpointManager(directory, item_handlers=ocp.StandardCheckpointHandler(),
                                     options=options)
@@ -144,8 +146,12 @@ def restore_newest(workdir: str, like: Any) -> Resume:
         if metadata is None or not jax.tree.leaves(metadata):
           resume.damaged.append((step, 'no readable metadata'))
           continue
-        _check_fits(metadata, like, where)
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        if like is None:
+          abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype,
+                                                                 sharding=first_device), metadata)
+        else:
+          _check_fits(metadata, like, where)
+          abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
         try:
           state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
         except Exception as e:  # noqa: BLE001

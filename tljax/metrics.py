@@ -13,6 +13,8 @@ from collections.abc import Mapping
 
 from clu import metric_writers
 
+from tljax.errors import UserError
+
 METRICS_FILE = 'metrics.jsonl'
 
 
@@ -30,8 +32,12 @@ class MetricsLog:
   def write(self, step: int, split: str, values: Mapping[str, float]) -> None:
     self.writer.write_scalars(step, {f'{split}/{k}': v for k, v in values.items()})
     if self.is_main:
-      with open(self.path, 'a') as f:
-        f.write(json.dumps({'step': step, 'split': split, **values}) + '\n')
+      try:
+        with open(self.path, 'a') as f:
+          f.write(json.dumps({'step': step, 'split': split, **values}) + '\n')
+      except OSError as e:  # a line cut short is dropped when the run resumes
+        raise UserError(f'could not write {self.path}: {e.strerror or e}; free space and run '
+                        'the same command again to resume') from None
 
   def close(self) -> None:
     self.writer.flush()

@@ -110,6 +110,11 @@ def grouping_tables(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
   """`eval_groupings` as class -> group lookup tables; every class must be in one group."""
   tables = {}
   for name, groups in config.eval_groupings.items():
+    if not (isinstance(groups, (tuple, list)) and all(
+        isinstance(g, (tuple, list)) and all(isinstance(c, int) and not isinstance(c, bool)
+                                             for c in g) for g in groups)):
+      raise UserError(f'eval_groupings.{name} must be groups of class ids, e.g. ((0, 1), (2, 3)),'
+                      f' got {groups!r:.100}')
     table = np.full(config.model.num_classes, -1, np.int32)
     for group_index, classes in enumerate(groups):
       for cls in classes:
@@ -245,6 +250,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   train_examples = pipeline.check_splits(source, config.data, config.model.num_classes)
   total_steps = config_lib.total_steps(config, train_examples)
   model, params, batch_stats, groups, labels = create_train_state(config)
+  groupings = grouping_tables(config)
   config_json = config.to_json_best_effort(indent=2)
   mask = freeze.trainable_mask(labels)
   optimizer, schedule = optim.make_optimizer(config.optim, groups, labels, total_steps)
@@ -325,7 +331,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
         axis_name=axis_name, compute_dtype=dtype,
         grad_accum_steps=grad_accum_steps), state)
     eval_step = runner.compile_eval(steps.make_eval_step(
-        model, axis_name=axis_name, groupings=grouping_tables(config), compute_dtype=dtype),
+        model, axis_name=axis_name, groupings=groupings, compute_dtype=dtype),
         state)
     if feature_cache is None:
       batches = pipeline.train_batches(source, config.data, start_step=start_step,

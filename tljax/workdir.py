@@ -59,9 +59,15 @@ def check_writable(workdir: str) -> None:
 def write_json(path: str, value: Any) -> None:
   """Writes to a temporary file and renames it, so a killed process never leaves half a file."""
   tmp = f'{path}.tmp'
-  with open(tmp, 'w') as f:
-    f.write(value if isinstance(value, str) else json.dumps(value, indent=2))
-  os.replace(tmp, path)
+  try:
+    with open(tmp, 'w') as f:
+      f.write(value if isinstance(value, str) else json.dumps(value, indent=2))
+    os.replace(tmp, path)
+  except OSError as e:  # a full disk or quota: the earlier file, if any, is still whole
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    raise WorkdirError(f'could not write {path}: {e.strerror or e}; free space and run the '
+                       'same command again') from None
 
 
 def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any],
@@ -124,11 +130,17 @@ def move_aside(workdir: str) -> str | None:
 
 
 def _holder(path: str) -> str:
-  try:
-    with open(path) as f:
-      return f.read(500).strip() or 'a run that is still starting'
-  except OSError:
-    return 'another run'
+  """Who holds the lock, as its holder wrote right after taking it (waiting a moment for it)."""
+  deadline = time.monotonic() + 2.0
+  while True:
+    try:
+      with open(path) as f:
+        text = f.read(500).strip()
+    except OSError:
+      text = ''
+    if text or time.monotonic() > deadline:
+      return text or 'another run'
+    time.sleep(0.01)
 
 
 def _try_lock(workdir: str) -> int | None:
@@ -147,6 +159,10 @@ def _try_lock(workdir: str) -> int | None:
     except FileNotFoundError:
       same = False
     if same:
+      os.ftruncate(fd, 0)
+      os.write(fd, (f'pid {os.getpid()} on {socket.gethostname()} since '
+                    f'{time.strftime("%Y-%m-%d %H:%M:%S")}: '
+                    f'{" ".join(sys.argv)[:300]}').encode())
       return fd
     os.close(fd)
 
@@ -172,10 +188,6 @@ def lock(workdir: str) -> Iterator[None]:
   if not locked:
     raise WorkdirError(f'workdir {workdir} is in use by {holder}; wait for that run to end, or '
                        'use another --workdir')
-  if fd is not None:
-    os.ftruncate(fd, 0)
-    os.write(fd, (f'pid {os.getpid()} on {socket.gethostname()} since '
-                  f'{time.strftime("%Y-%m-%d %H:%M:%S")}: {" ".join(sys.argv)[:300]}').encode())
   try:
     yield
   finally:

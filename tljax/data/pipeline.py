@@ -56,6 +56,8 @@ def check_splits(source: Source, config: Mapping[str, Any], num_classes: int) ->
     raise DataError(f'model.num_classes={num_classes} but the dataset has '
                     f'{source.num_classes} classes' + (f' ({", ".join(names)})' if names else ''))
   train_examples = train_size(source, config)
+  for key in ('train_split', 'eval_split'):
+    source.check_channels(config[key], int(config.get('channels', 3)))
   for key, size in (('train_split', train_examples),
                     ('eval_split', source.num_examples(config['eval_split']))):
     if size == 0:

@@ -9,8 +9,10 @@ from __future__ import annotations
 import functools
 import gzip
 import importlib.util
+import math
 import os
 import struct
+import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -55,6 +57,10 @@ class Source:
     """Unreadable files left out of each split (data.skip_corrupt_images)."""
     return {}
 
+  def check_channels(self, split: str, channels: int) -> None:
+    """Refuses stored images the pipeline cannot turn into `channels` channels (encoded files
+    are decoded to the channels asked for)."""
+
 
 class TfdsSource(Source):
   """A TFDS dataset already prepared in `data_dir` (or mocked with tfds.testing.mock_data)."""
@@ -63,7 +69,12 @@ class TfdsSource(Source):
 
   def __init__(self, name: str, data_dir: str | None = None, image_key: str = 'image',
                label_key: str = 'label'):
-    self.builder = tfds.builder(name, data_dir=data_dir)
+    try:
+      self.builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+      raise DataError(f'TFDS dataset {name!r} (data.name) is not a tensorflow-datasets name; '
+                      'see https://www.tensorflow.org/datasets/catalog') from None
+    self.name, self.data_dir = name, data_dir
     self.image_key, self.label_key = image_key, label_key
     features = self.builder.info.features
     for key in (image_key, label_key):
@@ -72,25 +83,44 @@ class TfdsSource(Source):
                         f'data.label_key); it has {sorted(features)}')
     self.num_classes = getattr(features[label_key], 'num_classes', None)
 
+  def _dataset(self, split: str) -> tf.data.Dataset:
+    try:
+      return self.builder.as_dataset(split=split, shuffle_files=False,
+                                     decoders={self.image_key: tfds.decode.SkipDecoding()})
+    except AssertionError:  # what tfds raises for data that was never prepared
+      raise DataError(f'TFDS dataset {self.name!r} is not prepared in data.data_dir='
+                      f'{self.data_dir!r}; prepare it once with network access (tfds build '
+                      f'{self.name}) or point data.data_dir at a prepared copy') from None
+    except ValueError as e:  # an unknown split or a bad slice
+      raise DataError(f'TFDS dataset {self.name!r}: split {split!r} cannot be read: '
+                      f'{" ".join(str(e).split())[:200]}') from None
+
   def records(self, split: str) -> tf.data.Dataset:
-    ds = self.builder.as_dataset(split=split, shuffle_files=False,
-                                 decoders={self.image_key: tfds.decode.SkipDecoding()})
-    return ds.map(lambda ex: {'image': ex[self.image_key],
-                              'label': tf.cast(ex[self.label_key], tf.int32)})
+    return self._dataset(split).map(lambda ex: {'image': ex[self.image_key],
+                                                'label': tf.cast(ex[self.label_key], tf.int32)})
 
   @functools.lru_cache(maxsize=8)  # noqa: B019  (sources live as long as the run)
   def labels(self, split: str) -> np.ndarray:
-    ds = self.builder.as_dataset(split=split, shuffle_files=False,
-                                 decoders={self.image_key: tfds.decode.SkipDecoding()})
-    labels = ds.map(lambda ex: ex[self.label_key]).batch(4096)
+    labels = self._dataset(split).map(lambda ex: ex[self.label_key]).batch(4096)
     return np.concatenate([np.asarray(b) for b in labels.as_numpy_iterator()] or
                           [np.zeros(0, np.int64)]).astype(np.int32)
 
   def num_examples(self, split: str) -> int:
     splits = self.builder.info.splits
     if splits:  # real prepared data: the count is in the metadata, no scan needed
-      return int(splits[split].num_examples)
+      try:
+        return int(splits[split].num_examples)
+      except (KeyError, ValueError) as e:
+        raise DataError(f'TFDS dataset {self.name!r}: no split {split!r} ({e}); it has '
+                        f'{sorted(splits)}') from None
     return len(self.labels(split))
+
+
+def _listdir(directory: str) -> list[str]:
+  try:
+    return os.listdir(directory)
+  except OSError as e:
+    raise DataError(f'cannot list the image folder {directory}: {e.strerror or e}') from None
 
 
 class FolderSource(Source):
@@ -108,8 +138,8 @@ class FolderSource(Source):
       raise DataError(f'image folder {root!r} (data.path) does not exist')
     self.root, self.skip_corrupt, self.max_pixels = root, skip_corrupt, max_pixels
     self.skipped: dict[str, list[str]] = {}
-    splits = [d for d in sorted(os.listdir(root)) if os.path.isdir(os.path.join(root, d))]
-    names = sorted({c for s in splits for c in os.listdir(os.path.join(root, s))
+    splits = [d for d in sorted(_listdir(root)) if os.path.isdir(os.path.join(root, d))]
+    names = sorted({c for s in splits for c in _listdir(os.path.join(root, s))
                     if os.path.isdir(os.path.join(root, s, c))})
     if not names:
       raise DataError(f'image folder {root!r} has no <split>/<class>/ subfolders')
@@ -126,7 +156,7 @@ class FolderSource(Source):
       class_dir = os.path.join(split_dir, name)
       if not os.path.isdir(class_dir):
         continue
-      files = [f for f in sorted(os.listdir(class_dir)) if f.lower().endswith(IMAGE_EXTENSIONS)]
+      files = [f for f in sorted(_listdir(class_dir)) if f.lower().endswith(IMAGE_EXTENSIONS)]
       if not files:
         raise DataError(f'class folder {class_dir} holds no image files '
                         f'({", ".join(IMAGE_EXTENSIONS)}); add images or remove the folder')
@@ -167,9 +197,10 @@ class ArraySource(Source):
     self.splits = {}
     for name, (images, labels) in splits.items():
       images, labels = np.asarray(images), np.asarray(labels)
-      if images.dtype != np.uint8 or images.ndim not in (3, 4):
-        raise DataError(f'images of split {name!r} must be uint8 [N, H, W] or [N, H, W, C], '
-                        f'got {images.dtype} {list(images.shape)}')
+      if (images.dtype != np.uint8 or images.ndim not in (3, 4) or 0 in images.shape[1:3]
+          or (images.ndim == 4 and images.shape[3] not in (1, 3))):
+        raise DataError(f'images of split {name!r} must be uint8 [N, H, W] or [N, H, W, C] with '
+                        f'C 1 or 3, got {images.dtype} {list(images.shape)}')
       if labels.ndim != 1 or labels.dtype.kind not in 'iu' or len(labels) != len(images):
         raise DataError(f'labels of split {name!r} must be {len(images)} integers (one per '
                         f'image), got {labels.dtype} {list(labels.shape)}')
@@ -205,23 +236,41 @@ class ArraySource(Source):
   def decode(self, image: tf.Tensor, channels: int) -> tf.Tensor:
     return image
 
+  def check_channels(self, split: str, channels: int) -> None:
+    images = self._split(split)[0]
+    have = images.shape[3] if images.ndim == 4 else 1
+    if have not in (1, channels):
+      raise DataError(f'images of split {split!r} have {have} channels but data.channels='
+                      f'{channels}')
+
+
+MAX_IDX_BYTES = 2**32  # 4 GiB: far above any IDX dataset; a header claiming more is damaged
+
 
 def read_idx(path: str) -> np.ndarray:
-  """An MNIST-format IDX file (optionally gzipped) as an unsigned-byte array."""
+  """An MNIST-format IDX file (optionally gzipped) as an unsigned-byte array. The header is read
+  first and the body never beyond what it claims, so a gzip bomb costs nothing."""
   opener = gzip.open if path.endswith('.gz') else open
   try:
     with opener(path, 'rb') as f:
-      data = f.read()
-  except OSError as e:
+      head = f.read(4)
+      if len(head) < 4 or head[:2] != b'\0\0' or head[2] != 0x08 or head[3] == 0:
+        raise DataError(f'{path} is not an unsigned-byte IDX file')
+      dims = f.read(4 * head[3])
+      if len(dims) != 4 * head[3]:
+        raise DataError(f'{path} is truncated inside its header')
+      shape = struct.unpack(f'>{head[3]}I', dims)
+      size = math.prod(shape)
+      if size > MAX_IDX_BYTES:
+        raise DataError(f'{path}: its header claims {shape} ({size:,} bytes), more than any IDX '
+                        'dataset; damaged or not an IDX file')
+      body = f.read(size + 1)
+  except (OSError, EOFError, zlib.error) as e:
     raise DataError(f'cannot read IDX file {path}: {e}') from None
-  if len(data) < 4 or data[:2] != b'\0\0' or data[2] != 0x08:
-    raise DataError(f'{path} is not an unsigned-byte IDX file')
-  ndim = data[3]
-  shape = struct.unpack(f'>{ndim}I', data[4:4 + 4 * ndim])
-  body = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
-  if body.size != int(np.prod(shape)):
-    raise DataError(f'{path} is truncated: header says {shape}, found {body.size} bytes')
-  return body.reshape(shape)
+  if len(body) != size:
+    raise DataError(f'{path}: header says {shape} ({size:,} bytes) but the file holds '
+                    f'{len(body):,}{" or more" if len(body) > size else ""}; truncated or damaged')
+  return np.frombuffer(body, np.uint8).reshape(shape)
 
 
 def idx_source(directory: str) -> ArraySource:
@@ -244,6 +293,7 @@ class ClassSubset(Source):
     self.source, self.classes = source, [int(c) for c in classes]
     self.num_classes = len(self.classes)
     self.labels_in_memory = source.labels_in_memory
+    self.check_channels = source.check_channels
     self.decode = source.decode
     self.corrupt_files = source.corrupt_files
     self.skipped_files = source.skipped_files
@@ -320,23 +370,29 @@ class ElpvSource(Source):
     if not os.path.isfile(labels_csv):
       raise DataError(f'ELPV labels file {labels_csv} not found (data.path)')
     paths, labels, types = [], [], []
-    with open(labels_csv) as f:
-      for line_number, line in enumerate(f, 1):
-        fields = line.split()
-        if not fields:
-          continue
-        try:
-          path, probability, cell_type = fields
-          thirds = float(probability) * 3
-          if abs(thirds - round(thirds)) > 1e-4:
-            raise ValueError(probability)
-          label = ELPV_PROBABILITIES.index(round(thirds))
-        except ValueError:
-          raise DataError(f'{labels_csv}:{line_number}: expected "<image> <probability in '
-                          f'0, 1/3, 2/3, 1> <type>", got {line.strip()!r}') from None
-        paths.append(os.path.join(root, path))
-        labels.append(label)
-        types.append(cell_type)
+    try:
+      with open(labels_csv, encoding='utf-8') as f:
+        lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+      raise DataError(f'ELPV labels file {labels_csv} cannot be read: {e}') from None
+    for line_number, line in enumerate(lines, 1):
+      fields = line.split()
+      if not fields:
+        continue
+      try:
+        path, probability, cell_type = fields
+        thirds = float(probability) * 3
+        if abs(thirds - round(thirds)) > 1e-4:
+          raise ValueError(probability)
+        label = ELPV_PROBABILITIES.index(round(thirds))
+      except (ValueError, OverflowError):
+        raise DataError(f'{labels_csv}:{line_number}: expected "<image> <probability in '
+                        f'0, 1/3, 2/3, 1> <type>", got {line.strip()!r}') from None
+      paths.append(os.path.join(root, path))
+      labels.append(label)
+      types.append(cell_type)
+    if not paths:
+      raise DataError(f'ELPV labels file {labels_csv} lists no images')
     self.paths = np.asarray(paths)
     self.all_labels = np.asarray(labels, np.int32)
     self.types = np.asarray(types)

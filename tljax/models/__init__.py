@@ -103,4 +103,13 @@ def init_variables(model: nn.Module, image_size: int, channels: int = 3, seed: i
   """Fresh variables (`params`, `batch_stats`) of `model` for square images of `image_size`
   (or sequences of that length, with `example_input` of a text model)."""
   inputs = example_input(image_size, channels)
-  return jax.jit(lambda key: model.init(key, *inputs, train=False))(jax.random.key(seed))
+  try:
+    return jax.jit(lambda key: model.init(key, *inputs, train=False))(jax.random.key(seed))
+  except (TypeError, ValueError, ZeroDivisionError) as e:  # e.g. a width of -4 or 'wide'
+    settings = {k: v for k, v in vars(model).items()  # the config's values, not internals
+                if not k.startswith('_') and k not in ('parent', 'name')
+                and isinstance(v, (int, float, str, bool, tuple, type(None)))}
+    reason = ' '.join(str(e).split())[:300]
+    raise UserError(f'model {type(model).__name__} cannot be built with {settings} for '
+                    f'{image_size}x{image_size}x{channels} inputs (config keys model.*, '
+                    f'data.image_size, data.channels): {reason}') from None

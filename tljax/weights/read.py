@@ -11,12 +11,11 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
+from absl import logging
 from flax import traverse_util
 
-from tljax import npz
+from tljax import checkpoint, npz
 from tljax.weights import torch_file
 from tljax.weights.errors import WeightsError
 
@@ -24,21 +23,21 @@ TORCH_SUFFIXES = ('.pth', '.pt', '.bin', '.ckpt')
 
 
 def restore_latest(path: str) -> dict[str, Any]:
-  """The latest checkpoint of a tljax workdir as a plain tree (step, params, batch_stats,
-  opt_state) on this process's first device, whatever topology wrote it."""
+  """The newest readable checkpoint of a tljax workdir as a plain tree (step, params,
+  batch_stats, opt_state) on this process's first device, whatever topology wrote it. Damaged
+  newer checkpoints are passed over (and named in the log), never changed."""
   directory = os.path.join(os.path.abspath(path), 'checkpoints')
   if not os.path.isdir(directory):
     raise WeightsError(f'{path!r} (init.pretrained) is not a tljax workdir: no checkpoints/')
-  manager = ocp.CheckpointManager(directory, item_handlers=ocp.StandardCheckpointHandler())
-  step = manager.latest_step()
-  if step is None:
-    raise WeightsError(f'{directory} holds no complete checkpoint')
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                          manager.item_metadata(step))
-  restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
-  manager.close()
-  return restored
+  resume = checkpoint.restore_newest(path)
+  damaged = '; '.join(f'step {step}: {reason}' for step, reason in resume.damaged)
+  if resume.state is None:
+    raise WeightsError(f'{directory} holds no readable checkpoint' +
+                       (f' (damaged: {damaged})' if damaged else ''))
+  if damaged:
+    logging.warning('%s: passed over damaged checkpoints (%s); read step %d', directory, damaged,
+                    resume.step)
+  return resume.state
 
 
 def read_tljax_workdir(path: str) -> dict[str, np.ndarray]:
