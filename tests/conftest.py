@@ -28,15 +28,20 @@ def make_arrays(num_classes: int = 3, per_class: int = 16, size: int = 16, seed:
   return images, labels
 
 
-@pytest.fixture
-def npz_path(tmp_path):
-  """An .npz with train/test splits, for subprocess runs that cannot share in-memory arrays."""
-  train = make_arrays(per_class=16, seed=0)
-  test = make_arrays(per_class=5, seed=1)
-  path = tmp_path / 'data.npz'
+def write_npz(path, num_classes: int = 3, train_per_class: int = 16, test_per_class: int = 5,
+              seed: int = 0) -> str:
+  """Writes train/test splits of `make_arrays` to the .npz `path` (an ArraySource layout)."""
+  train = make_arrays(num_classes, train_per_class, seed=seed)
+  test = make_arrays(num_classes, test_per_class, seed=seed + 1)
   np.savez(path, train_images=train[0], train_labels=train[1], test_images=test[0],
            test_labels=test[1])
   return str(path)
+
+
+@pytest.fixture
+def npz_path(tmp_path):
+  """An .npz with train/test splits, for subprocess runs that cannot share in-memory arrays."""
+  return write_npz(tmp_path / 'data.npz')
 
 
 def small_config(**overrides):

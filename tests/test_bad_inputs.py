@@ -10,7 +10,7 @@ import zlib
 
 import numpy as np
 import pytest
-from conftest import make_arrays, small_config, snapshot
+from conftest import make_arrays, small_config, snapshot, write_npz
 from PIL import Image
 
 from tljax import train, workdir
@@ -24,10 +24,7 @@ from tljax.weights.errors import WeightsError
 def earlier_run(tmp_path_factory):
   """A finished 6-step run (checkpoints 3 and 6) and the npz it trained on."""
   root = tmp_path_factory.mktemp('earlier')
-  data = root / 'data.npz'
-  train_arrays, test_arrays = make_arrays(per_class=16, seed=0), make_arrays(per_class=5, seed=1)
-  np.savez(data, train_images=train_arrays[0], train_labels=train_arrays[1],
-           test_images=test_arrays[0], test_labels=test_arrays[1])
+  data = write_npz(root / 'data.npz')
   train.run(small_config(**{'data.path': str(data)}), str(root / 'run'))
   return root / 'run', str(data)
 

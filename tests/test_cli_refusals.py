@@ -8,9 +8,8 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import pytest
-from conftest import REPO, make_arrays, small_config, snapshot
+from conftest import REPO, small_config, snapshot, write_npz
 
 from tljax import train
 
@@ -20,10 +19,7 @@ ARRAYS = f'--config={REPO}/configs/tests/arrays.py'
 @pytest.fixture(scope='module')
 def earlier(tmp_path_factory):
   root = tmp_path_factory.mktemp('cli')
-  data = root / 'data.npz'
-  train_arrays, test_arrays = make_arrays(per_class=16, seed=0), make_arrays(per_class=5, seed=1)
-  np.savez(data, train_images=train_arrays[0], train_labels=train_arrays[1],
-           test_images=test_arrays[0], test_labels=test_arrays[1])
+  data = write_npz(root / 'data.npz')
   config = small_config(**{'data.path': str(data), 'data.resize_size': 18})  # arrays.py's
   train.run(config, str(root / 'run'))
   return root, str(data)

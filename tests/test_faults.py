@@ -16,7 +16,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, make_arrays, small_config, snapshot
+from conftest import REPO, make_arrays, small_config, snapshot, write_npz
 
 from tljax import train
 from tljax.checkpoint import TMP_SUFFIX, Checkpointer
@@ -32,10 +32,7 @@ SEED = 20261123  # the kill schedule; timing still varies from run to run
 
 @pytest.fixture(scope='module')
 def run_args(tmp_path_factory):
-  data = tmp_path_factory.mktemp('data') / 'data.npz'
-  train_arrays, test_arrays = make_arrays(per_class=16, seed=0), make_arrays(per_class=5, seed=1)
-  np.savez(data, train_images=train_arrays[0], train_labels=train_arrays[1],
-           test_images=test_arrays[0], test_labels=test_arrays[1])
+  data = write_npz(tmp_path_factory.mktemp('data') / 'data.npz')
   # Augmentation on, so the data position and the per-example randomness must both resume.
   return [f'--config.data.path={data}', f'--config.total_steps={TOTAL_STEPS}',
           f'--config.checkpoint_every={CHECKPOINT_EVERY}', f'--config.log_every={LOG_EVERY}',

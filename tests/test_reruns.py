@@ -14,7 +14,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, small_config, snapshot
+from conftest import REPO, small_config, snapshot, write_npz
 
 from tljax import checkpoint, train
 from tljax import workdir as workdir_lib
@@ -27,11 +27,7 @@ def finished(tmp_path_factory):
   """A finished 6-step run (checkpoints 3 and 6), its data, and the final states of taking it
   on to 9 steps from each of its checkpoints (the one of step 6 removed for the second)."""
   root = tmp_path_factory.mktemp('finished')
-  from conftest import make_arrays
-  data = root / 'data.npz'
-  train_arrays, test_arrays = make_arrays(per_class=16, seed=0), make_arrays(per_class=5, seed=1)
-  np.savez(data, train_images=train_arrays[0], train_labels=train_arrays[1],
-           test_images=test_arrays[0], test_labels=test_arrays[1])
+  data = write_npz(root / 'data.npz')
   train.run(small_config(**{'data.path': str(data)}), str(root / 'run'))
   nine = small_config(**{'data.path': str(data), 'total_steps': 9})
   shutil.copytree(root / 'run', root / 'from6')
@@ -150,8 +146,9 @@ def test_two_processes_started_together_one_runs_the_other_is_refused(tmp_path, 
              f'--workdir={workdir}', f'--config.data.path={npz_path}',
              '--config.total_steps=100000', '--config.log_every=1']
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
-  processes = [subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True) for _ in range(2)]
+  logs = [open(tmp_path / f'process{i}.log', 'w+') for i in range(2)]  # noqa: SIM115
+  processes = [subprocess.Popen(command, cwd=REPO, env=env, stdout=log,  # a full pipe would
+                                stderr=subprocess.STDOUT) for log in logs]  # block the run
   try:
     deadline = time.monotonic() + 300
     while all(p.poll() is None for p in processes):  # the refused one exits, the other runs
@@ -159,7 +156,7 @@ def test_two_processes_started_together_one_runs_the_other_is_refused(tmp_path, 
       time.sleep(0.05)
     [refused] = [p for p in processes if p.poll() is not None]
     [holder] = [p for p in processes if p is not refused]
-    stderr = refused.stderr.read()
+    stderr = (tmp_path / f'process{processes.index(refused)}.log').read_text()
     assert refused.returncode == 2, stderr[-2000:]
     [error] = [line for line in stderr.splitlines() if line.startswith('error:')]
     assert error.startswith(f'error: workdir {workdir} is in use by pid {holder.pid} on ')
@@ -169,7 +166,7 @@ def test_two_processes_started_together_one_runs_the_other_is_refused(tmp_path, 
     for process in processes:
       if process.poll() is None:
         process.send_signal(signal.SIGTERM)
-  assert holder.wait(timeout=120) in (0, PREEMPTED_EXIT_CODE), holder.stderr.read()[-2000:]
+  assert holder.wait(timeout=120) in (0, PREEMPTED_EXIT_CODE)
   logged = [json.loads(line)['step'] for line in (workdir / 'metrics.jsonl').open()]
   assert logged == sorted(set(logged))  # one trajectory, every step once
 

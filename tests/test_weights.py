@@ -6,7 +6,7 @@ import zipfile
 
 import numpy as np
 import pytest
-from conftest import make_arrays, small_config
+from conftest import small_config, write_npz
 
 import tljax
 from tljax import train
@@ -139,11 +139,8 @@ def test_workdir_round_trip_into_a_task_with_other_classes(tmp_path, npz_path):
   train.run(source, str(tmp_path / 'source'))
   trained = read.read_tljax_workdir(str(tmp_path / 'source'))
 
-  five = tmp_path / 'five.npz'  # another task: five classes
-  (train_x, train_y), (test_x, test_y) = (make_arrays(5, 8, seed=2), make_arrays(5, 2, seed=3))
-  np.savez(five, train_images=train_x, train_labels=train_y, test_images=test_x,
-           test_labels=test_y)
-  target = small_config(**{'data.path': str(five), 'model.num_classes': 5})
+  five = write_npz(tmp_path / 'five.npz', num_classes=5, seed=2)  # another task
+  target = small_config(**{'data.path': five, 'model.num_classes': 5})
   target.init.update(pretrained=str(tmp_path / 'source'), dont_load=['head/.*'])
   from tljax.config import resolve
   _, params, batch_stats, _, _ = train.create_train_state(resolve(target))
