@@ -16,8 +16,10 @@ import contextlib
 import dataclasses
 import logging
 import os
+import re
 import shutil
 import sys
+import traceback
 from collections.abc import Iterator
 from typing import Any
 
@@ -40,12 +42,16 @@ class CheckpointMismatch(UserError):
   """A checkpoint that reads, but holds the state of another model or optimizer."""
 
 
+STEP_NAME = re.compile(r'0|[1-9][0-9]*')  # how orbax names a step: str(step), ASCII digits
+
+
 def step_names(directory: str) -> list[int]:
   """The step numbers named in a checkpoints directory (whatever state they are in), newest
-  first; none when the directory does not exist."""
+  first; none when the directory does not exist. Other names ('09', '²', 'x') are not steps."""
   if not os.path.isdir(directory):
     return []
-  return sorted((int(name) for name in os.listdir(directory) if name.isdigit()), reverse=True)
+  return sorted((int(name) for name in os.listdir(directory) if STEP_NAME.fullmatch(name)),
+                reverse=True)
 
 
 def has_checkpoints(workdir: str) -> bool:
@@ -101,18 +107,36 @@ def _quiet_orbax() -> Iterator[None]:
     logger.setLevel(level)
 
 
+def _from_the_reader(error: BaseException | None) -> bool:
+  """Whether `error` was raised inside orbax's or tensorstore's reading code."""
+  frames = traceback.extract_tb(error.__traceback__) if error is not None else []
+  return any(f'{os.sep}orbax{os.sep}' in frame.filename
+             or f'{os.sep}tensorstore{os.sep}' in frame.filename
+             or f'{os.sep}asyncio{os.sep}' in frame.filename for frame in frames)
+
+
+class _ReaderNoise(logging.Filter):
+  """Drops asyncio's "Task exception was never retrieved" for reads of a damaged checkpoint."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    return not (error is not None and _from_the_reader(error))
+
+
 def _drop_closed_loop_errors() -> None:
+  """After a read of a damaged checkpoint failed, its other pending reads fail too, in threads
+  and coroutines nobody waits for; their reports are noise once the damage is named."""
   previous = sys.unraisablehook
   if getattr(previous, 'tljax_filter', False):
     return
 
   def hook(unraisable: Any) -> None:
-    if not (isinstance(unraisable.exc_value, RuntimeError)
-            and 'Event loop is closed' in str(unraisable.exc_value)):
+    if not _from_the_reader(unraisable.exc_value):
       previous(unraisable)
 
   hook.tljax_filter = True
   sys.unraisablehook = hook
+  logging.getLogger('asyncio').addFilter(_ReaderNoise())
 
 
 def restore_newest(workdir: str, like: Any = None) -> Resume:

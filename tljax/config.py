@@ -150,13 +150,13 @@ def load_config_file(spec: str, expect: type | tuple[type, ...] | None = None) -
   module = importlib.util.module_from_spec(module_spec)
   try:
     module_spec.loader.exec_module(module)
-  except Exception as e:  # noqa: BLE001 (whatever the file's code raises, named in one line)
+  except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 (whatever its code raises)
     raise _config_file_error(path, e) from None
   if not callable(getattr(module, 'get_config', None)):
     raise ConfigError(f'config file {path!r} defines no get_config(arg)')
   try:
     config = module.get_config(arg or None)
-  except Exception as e:  # noqa: BLE001
+  except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001
     raise _config_file_error(path, e) from None
   if expect is not None and not isinstance(config, expect):
     names = ' or '.join(t.__name__ for t in (expect if isinstance(expect, tuple) else (expect,)))
@@ -186,6 +186,7 @@ def set_override(config: ml_collections.ConfigDict, key: str, value: Any) -> Non
 
 COMPUTE_DTYPES = ('float32', 'bfloat16', 'float16')
 MAX_SEED = 2**31 - 1
+MAX_STEPS = 2**31 - 1  # the train state counts steps in int32
 
 
 def _is_int(value: Any) -> bool:
@@ -243,7 +244,7 @@ VALUE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     'optim.schedule.end_factor': _number(0),
     'optim.schedule.decay_factor': _positive_number(),
     'freeze.head_lr_mult': _number(0),
-    'total_steps': _integer(1),
+    'total_steps': _integer(1, MAX_STEPS),
     'total_epochs': _optional(_positive_number()),
     'log_every': _integer(1),
     'eval_every': _integer(0),
@@ -310,5 +311,9 @@ def compute_dtype(config: ml_collections.ConfigDict) -> str | None:
 def total_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> int:
   """`total_steps`, or `total_epochs` over the training set at the global batch size."""
   if config.total_epochs:
-    return max(1, math.ceil(config.total_epochs * num_train_examples / config.data.batch_size))
+    steps = max(1, math.ceil(config.total_epochs * num_train_examples / config.data.batch_size))
+    if steps > MAX_STEPS:
+      raise ConfigError(f'total_epochs={config.total_epochs} means {steps:,} steps, more than '
+                        f'the {MAX_STEPS:,} a run can count')
+    return steps
   return int(config.total_steps)

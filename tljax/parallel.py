@@ -33,7 +33,12 @@ def initialize_distributed(coordinator_address: str | None = None,
   kwargs = {k: v for k, v in dict(coordinator_address=coordinator_address,
                                   num_processes=num_processes,
                                   process_id=process_id).items() if v is not None}
-  jax.distributed.initialize(**kwargs)
+  try:
+    jax.distributed.initialize(**kwargs)
+  except (ValueError, RuntimeError, TypeError) as e:  # bad ids, or no coordinator reachable
+    flags = ', '.join(f'--{k}={v}' for k, v in kwargs.items()) or '--distributed'
+    reason = ' '.join(str(e).split())[:300]
+    raise UserError(f'cannot join the jax.distributed job ({flags}): {reason}') from None
 
 
 def sync_processes(name: str) -> None:
@@ -59,6 +64,8 @@ def enable_compilation_cache() -> str | None:
 
 def set_cpu_device_count(count: int) -> None:
   """Simulates `count` CPU devices; must run before the backend starts."""
+  if count < 1:
+    raise UserError(f'--cpu_devices={count} must be at least 1')
   jax.config.update('jax_num_cpu_devices', count)
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 

@@ -262,7 +262,8 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   # checkpoint restored (straight into this run's layout) before anything is written.
   workdir_lib.check_writable(workdir)
   with workdir_lib.lock(workdir), preemption.StopRequests() as stop:
-    workdir_lib.check_run_files(workdir)
+    if not fresh:  # --fresh moves whatever is there aside, damaged or not
+      workdir_lib.check_run_files(workdir)
     if not fresh and checkpoint.has_checkpoints(workdir):
       workdir_lib.check_resumable(workdir, config_json,
                                   config_lib.base_config().to_json_best_effort())
@@ -426,17 +427,24 @@ _CPU_DEVICES = flags.DEFINE_integer(
     'cpu_devices', None, 'Simulate this many CPU devices (testing multi-device code on CPU).')
 
 
+def _usage_error(message: str) -> None:
+  print(f'error: {message} (usage: python -m tljax.train --config=FILE.py[:ARG] '
+        '--workdir=DIR [--config.KEY=VALUE ...]; --help lists the flags)', file=sys.stderr)
+  sys.exit(2)
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    _usage_error(f'unexpected arguments {argv[1:]}')
   if _CONFIG.value is None or _WORKDIR.value is None:
-    raise app.UsageError('--config and --workdir are required')
-  if _CPU_DEVICES.value:
-    parallel.set_cpu_device_count(_CPU_DEVICES.value)
-  parallel.enable_compilation_cache()
-  if _COORDINATOR.value or _DISTRIBUTED.value:
-    parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    _usage_error('--config and --workdir are required')
   try:
+    if _CPU_DEVICES.value is not None:
+      parallel.set_cpu_device_count(_CPU_DEVICES.value)
+    parallel.enable_compilation_cache()
+    if _COORDINATOR.value or _DISTRIBUTED.value:
+      parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
+                                      _PROCESS_ID.value)
     run(_CONFIG.value, _WORKDIR.value, fresh=_FRESH.value)
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
@@ -444,6 +452,14 @@ def main(argv: list[str]) -> None:
   except Preempted as e:
     print(str(e), file=sys.stderr)
     sys.exit(PREEMPTED_EXIT_CODE)
+  except jax.errors.JaxRuntimeError as e:
+    if 'RESOURCE_EXHAUSTED' not in str(e):
+      raise
+    reason = ' '.join(str(e).split())[:200]
+    print(f'error: out of device memory ({reason}); lower data.batch_size (or set '
+          'optim.grad_accum_steps), data.image_size or the model size, or use more devices',
+          file=sys.stderr)
+    sys.exit(2)
   except KeyboardInterrupt as e:  # a second Ctrl-C
     print(f'error: {e or "interrupted"}: stopped at once without saving; the checkpoints '
           'already complete are kept', file=sys.stderr)

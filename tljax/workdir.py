@@ -89,11 +89,14 @@ def saved_config(workdir: str) -> dict[str, Any] | None:
   if not os.path.isfile(path):
     return None
   try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError) as e:
+    with open(path, encoding='utf-8') as f:
+      saved = json.load(f)
+    if not isinstance(saved, dict):
+      raise ValueError(f'a JSON {type(saved).__name__}, not an object')
+  except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
     raise WorkdirError(f'{path}: cannot read the config of the earlier run in {workdir} '
                        f'({e}); pass --fresh to start over') from None
+  return saved
 
 
 def check_resumable(workdir: str, config_json: str, defaults_json: str) -> None:
@@ -206,7 +209,7 @@ def check_run_files(workdir: str) -> None:
   """The files an earlier run left are what a run reads or appends to: each must be of its
   kind and readable, or the run is refused before it writes anything."""
   for name, kind in ((CONFIG_FILE, 'file'), (RESULTS_FILE, 'file'), (METRICS_FILE, 'file'),
-                     ('checkpoints', 'directory')):
+                     ('checkpoints', 'directory'), ('checkpoints-damaged', 'directory')):
     path = os.path.join(workdir, name)
     if not os.path.lexists(path):
       continue
@@ -218,6 +221,7 @@ def check_run_files(workdir: str) -> None:
       raise _kind_error(path, 'directory' if kind == 'directory' else 'regular file')
   _check_metrics_file(os.path.join(workdir, METRICS_FILE))
   read_results(workdir)
+  saved_config(workdir)
 
 
 def _check_metrics_file(path: str) -> None:

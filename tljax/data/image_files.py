@@ -22,7 +22,11 @@ _decoded_ok: dict[tuple[str, int, int], bool] = {}  # (path, size, mtime_ns) -> 
 
 def _entry_problem(path: str) -> tuple[str | None, os.stat_result | None]:
   """Why `path` cannot be read as a file (a dangling or looping link, a directory, a FIFO, no
-  permission), and its stat when it can."""
+  permission, a name that is not UTF-8), and its stat when it can."""
+  try:
+    path.encode('utf-8')
+  except UnicodeEncodeError:
+    return 'its name is not valid UTF-8, which TensorFlow cannot open; rename it', None
   try:
     info = os.stat(path)
   except OSError as e:
@@ -98,7 +102,7 @@ def problems(paths: Sequence[str], max_pixels: int) -> dict[str, str]:
 def message(split: str, found: dict[str, str]) -> str:
   """One line naming the unusable files of `split` (the first five) and what to do."""
   files = sorted(found)
-  shown = '; '.join(f'{path} ({found[path]})' for path in files[:5])
+  shown = '; '.join(f'{ascii(path)[1:-1]} ({found[path]})' for path in files[:5])
   more = f'; and {len(files) - 5} more' if len(files) > 5 else ''
   return (f'{len(files)} image file(s) of split {split!r} cannot be used: {shown}{more}. '
           'Replace or remove them, or set data.skip_corrupt_images=True to leave them out and '

@@ -283,6 +283,10 @@ def idx_source(directory: str) -> ArraySource:
       splits[split] = (read_idx(images)[..., None], read_idx(labels).astype(np.int32))
   if not splits:
     raise DataError(f'no IDX files (train-images-idx3-ubyte.gz, ...) in {directory!r} (data.path)')
+  for split, (images, labels) in splits.items():
+    if not len(labels) or len(images) != len(labels):
+      raise DataError(f'IDX split {split!r} in {directory!r} has {len(images)} images and '
+                      f'{len(labels)} labels')
   return ArraySource(splits, num_classes=int(max(y.max() for _, y in splits.values())) + 1)
 
 

@@ -102,10 +102,11 @@ def init_variables(model: nn.Module, image_size: int, channels: int = 3, seed: i
                    example_input: Callable[[int, int], tuple] = _image_input) -> dict:
   """Fresh variables (`params`, `batch_stats`) of `model` for square images of `image_size`
   (or sequences of that length, with `example_input` of a text model)."""
-  inputs = example_input(image_size, channels)
   try:
+    inputs = example_input(image_size, channels)
     return jax.jit(lambda key: model.init(key, *inputs, train=False))(jax.random.key(seed))
-  except (TypeError, ValueError, ZeroDivisionError) as e:  # e.g. a width of -4 or 'wide'
+  except (TypeError, ValueError, ZeroDivisionError, jax.errors.JaxRuntimeError) as e:
+    # e.g. a width of -4, or an image size whose activations do not fit in memory
     settings = {k: v for k, v in vars(model).items()  # the config's values, not internals
                 if not k.startswith('_') and k not in ('parent', 'name')
                 and isinstance(v, (int, float, str, bool, tuple, type(None)))}
