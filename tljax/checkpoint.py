@@ -20,6 +20,7 @@ import re
 import shutil
 import sys
 import traceback
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -108,7 +109,7 @@ def _quiet_orbax() -> Iterator[None]:
 
 
 def _from_the_reader(error: BaseException | None) -> bool:
-  """Whether `error` was raised inside orbax's or tensorstore's reading code."""
+  """Whether `error` was raised inside orbax's or tensorstore's code (reading or writing)."""
   frames = traceback.extract_tb(error.__traceback__) if error is not None else []
   return any(f'{os.sep}orbax{os.sep}' in frame.filename
              or f'{os.sep}tensorstore{os.sep}' in frame.filename
@@ -116,7 +117,8 @@ def _from_the_reader(error: BaseException | None) -> bool:
 
 
 class _ReaderNoise(logging.Filter):
-  """Drops asyncio's "Task exception was never retrieved" for reads of a damaged checkpoint."""
+  """Drops the tracebacks of reads and writes that failed with the one already named
+  (asyncio's "Task exception was never retrieved", orbax's thread errors)."""
 
   def filter(self, record: logging.LogRecord) -> bool:
     error = record.exc_info[1] if record.exc_info else None
@@ -124,8 +126,9 @@ class _ReaderNoise(logging.Filter):
 
 
 def _drop_closed_loop_errors() -> None:
-  """After a read of a damaged checkpoint failed, its other pending reads fail too, in threads
-  and coroutines nobody waits for; their reports are noise once the damage is named."""
+  """After a read of a damaged checkpoint (or a write to a full disk) failed, its other pending
+  reads or writes fail too, in threads and coroutines nobody waits for; their reports are noise
+  once the failure is named in one line."""
   previous = sys.unraisablehook
   if getattr(previous, 'tljax_filter', False):
     return
@@ -136,7 +139,10 @@ def _drop_closed_loop_errors() -> None:
 
   hook.tljax_filter = True
   sys.unraisablehook = hook
-  logging.getLogger('asyncio').addFilter(_ReaderNoise())
+  for name in ('asyncio', 'absl'):  # orbax's threads log their tracebacks through absl
+    logging.getLogger(name).addFilter(_ReaderNoise())
+  warnings.filterwarnings('ignore', message='coroutine .* was never awaited',
+                          category=RuntimeWarning)
 
 
 def restore_newest(workdir: str, like: Any = None) -> Resume:
@@ -257,6 +263,7 @@ class Checkpointer:
       write()
     except Exception as e:  # noqa: BLE001 (OSError, or tensorstore's ValueError naming errno)
       failed, self.failed = self.pending_step, True
+      _drop_closed_loop_errors()  # the writer threads' own reports of this failure
       try:
         self.manager.close()  # joins the writer threads
       except Exception:  # noqa: BLE001, S110 (they failed already; the error below says so)

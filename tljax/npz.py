@@ -66,7 +66,8 @@ def read(path: str, error: type[UserError], name: str) -> dict[str, np.ndarray]:
         if not info.filename.endswith('.npy'):
           raise ValueError(f'{where} is not an .npy array')
         arrays[info.filename[:-len('.npy')]] = _member_array(archive, info, where)
-  except (ValueError, OSError, EOFError, zipfile.BadZipFile, zipfile.LargeZipFile,
+  except (ValueError, OSError, EOFError, RuntimeError, zipfile.BadZipFile, zipfile.LargeZipFile,
           NotImplementedError, SyntaxError, OverflowError, MemoryError) as e:
+    # RuntimeError: an encrypted member
     raise error(f'{name} cannot be read as plain arrays: {e}') from None
   return arrays

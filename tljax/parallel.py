@@ -33,6 +33,14 @@ def initialize_distributed(coordinator_address: str | None = None,
   kwargs = {k: v for k, v in dict(coordinator_address=coordinator_address,
                                   num_processes=num_processes,
                                   process_id=process_id).items() if v is not None}
+  if coordinator_address is not None:  # checked here: a malformed one crashes JAX's client
+    host, _, port = coordinator_address.rpartition(':')
+    if not host or not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536:
+      raise UserError(f'--coordinator_address={coordinator_address!r} must be HOST:PORT with a '
+                      'port in 1-65535')
+  if (num_processes is not None and process_id is not None
+      and not 0 <= process_id < num_processes):
+    raise UserError(f'--process_id={process_id} must be in [0, --num_processes={num_processes})')
   try:
     jax.distributed.initialize(**kwargs)
   except (ValueError, RuntimeError, TypeError) as e:  # bad ids, or no coordinator reachable

@@ -98,8 +98,11 @@ def expand(sweep: Sweep, sweep_dir: str) -> list[Variant]:
   _check_axes(sweep.axes)
   variants, names = [], set()
   for item in sweep.variants:
-    if len(item) not in (2, 3):
-      raise UserError(f'sweep variant {item!r} must be (name, overrides[, tags])')
+    if (not isinstance(item, (tuple, list)) or len(item) not in (2, 3)
+        or not isinstance(item[0], str) or not isinstance(item[1], Mapping)
+        or (len(item) == 3 and not isinstance(item[2], Mapping))):
+      raise UserError(f'sweep variant {item!r:.100} must be (name, {{key: value}}[, {{tag: '
+                      'value}}])')
     set_name, set_overrides = item[0], dict(item[1])
     set_tags = dict(item[2]) if len(item) == 3 else {}
     for point in itertools.product(*(range(len(axis.values)) for axis in sweep.axes)):

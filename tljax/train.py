@@ -176,15 +176,20 @@ class FeatureCache:
                 bytes=int(self.arrays['image'].nbytes), seconds=self.seconds)
 
 
+def _feature_cut(config: ml_collections.ConfigDict, labels: Any) -> str:
+  """The stage whose input data.cache_features caches (refused, naming why, if none can be)."""
+  stages = get_entry(config.model.name).stages
+  return features.cut_stage(stages, freeze.frozen_stage_count(labels, stages),
+                            config.data.augment)
+
+
 def _cached_features(config: ml_collections.ConfigDict, model, state: steps.TrainState,
                      labels: Any, source: sources.Source, dtype: str | None
                      ) -> tuple[Any, FeatureCache]:
   """Runs the frozen prefix over the training split once (in the compute dtype); returns the
   model the train step applies to those features, and the cache."""
   start = time.perf_counter()
-  stages = get_entry(config.model.name).stages
-  cut = features.cut_stage(stages, freeze.frozen_stage_count(labels, stages),
-                           config.data.augment)
+  cut = _feature_cut(config, labels)
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   if dtype is not None:
     variables = steps.cast_floats(variables, dtype)
@@ -251,6 +256,8 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   total_steps = config_lib.total_steps(config, train_examples)
   model, params, batch_stats, groups, labels = create_train_state(config)
   groupings = grouping_tables(config)
+  if config.data.cache_features:
+    _feature_cut(config, labels)  # checked now; the features are computed after the writes
   config_json = config.to_json_best_effort(indent=2)
   mask = freeze.trainable_mask(labels)
   optimizer, schedule = optim.make_optimizer(config.optim, groups, labels, total_steps)

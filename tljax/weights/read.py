@@ -58,8 +58,9 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
   from safetensors.numpy import load_file
   try:
     return {k.replace('.', '/'): v for k, v in load_file(path).items()}
-  except (SafetensorError, OSError) as e:
-    raise WeightsError(f'{path}: not a readable safetensors file ({e})') from None
+  except (SafetensorError, Exception) as e:  # noqa: BLE001 (e.g. a dtype NumPy lacks: one line)
+    reason = ' '.join(f'{type(e).__name__}: {e}'.split())[:200]
+    raise WeightsError(f'{path}: not a readable safetensors file ({reason})') from None
 
 
 def _flatten_tensors(tree: Any, source: str) -> dict[str, np.ndarray]:

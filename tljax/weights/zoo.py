@@ -112,8 +112,12 @@ def _download(url: str) -> str:
         with urllib.request.urlopen(url) as src:  # noqa: S310 (https only, from the zoo table)
           shutil.copyfileobj(src, out)
     os.replace(partial, path)
-  except BaseException:
+  except BaseException as e:
     os.unlink(partial)
+    if isinstance(e, Exception):  # no network, no such file, refused: one line, not a trace
+      reason = ' '.join(f'{type(e).__name__}: {e}'.split())[:200]
+      raise WeightsError(f'{url}: cannot download it ({reason}); without network access, '
+                         'fetch it elsewhere and set init.pretrained to the file') from None
     raise
   return path
 
