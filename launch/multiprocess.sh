@@ -18,8 +18,22 @@ devices=${DEVICES_PER_PROCESS:-4}
 here=$(cd "$(dirname "$0")/.." && pwd)
 python=${PYTHON:-$here/.venv/bin/python}
 port=${PORT:-$((20000 + RANDOM % 20000))}
+for pair in "N:$num" "DEVICES_PER_PROCESS:$devices" "PORT:$port"; do
+  value=${pair#*:}
+  if ! [[ $value =~ ^[1-9][0-9]{0,4}$ ]] || { [ "${pair%%:*}" = PORT ] && [ "$value" -gt 65535 ]; }; then
+    echo "error: ${pair%%:*}='$value' must be a positive integer (PORT at most 65535)" >&2
+    exit 2
+  fi
+done
 mkdir -p "$workdir"
 pids=()
+# SIGTERM or Ctrl-C to the launcher goes to every process, which save together and exit 75.
+# shellcheck disable=SC2329  # called by the traps below
+forward() {
+  kill -s "$1" "${pids[@]}" 2>/dev/null || true
+}
+trap 'forward TERM' TERM
+trap 'forward INT' INT
 for ((i = 0; i < num; i++)); do
   JAX_PLATFORMS=cpu "$python" -m tljax.train --config="$config" --workdir="$workdir" \
     --coordinator_address="127.0.0.1:$port" --num_processes="$num" --process_id="$i" \
@@ -29,7 +43,11 @@ done
 status=0
 for pid in "${pids[@]}"; do
   code=0
-  wait "$pid" || code=$?
+  # A trapped signal interrupts `wait` (status > 128) while the process runs on: wait again.
+  while true; do
+    wait "$pid" && code=0 || code=$?
+    if [ "$code" -le 128 ] || ! kill -0 "$pid" 2>/dev/null; then break; fi
+  done
   if [ "$status" = 0 ]; then status=$code; fi
 done
 exit "$status"

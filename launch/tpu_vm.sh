@@ -142,6 +142,14 @@ $(quote -m tljax.train "$@" --distributed) >~/tljax-logs/$name.log 2>&1 </dev/nu
 
 run() {
   if [ "$#" -lt 2 ]; then usage; fi
+  local arg
+  for arg in "${@:3}"; do  # only what tljax.train takes; an option of this script is refused
+    if [[ $arg != --config.* && $arg != --fresh ]]; then
+      echo "error: '$arg' after 'run CONFIG WORKDIR' is not a --config.KEY=VALUE override or" \
+        "--fresh; options of this script (--dry-run, --name, ...) go before the command" >&2
+      exit 2
+    fi
+  done
   start "--config=$1" "--workdir=$2" "${@:3}"
 }
 
@@ -168,6 +176,7 @@ sweep() {
   fi
   local base=$name line lines=() index train_args
   while IFS= read -r line || [ -n "$line" ]; do
+    line=${line%$'\r'}  # a file saved with Windows line ends
     if [ -n "${line// /}" ]; then lines+=("$line"); fi
   done <"$1"
   for index in "${!lines[@]}"; do  # every line checked before the first VM is created

@@ -202,9 +202,9 @@ def test_printed_commands_run_as_is_and_match_the_in_process_variant(base_file, 
 
 def test_none_over_a_set_base_value_cannot_become_a_flag(base_file):
   from tljax.config import load_config_file
-  sweep = Sweep(base=base_file, variants=[('a', {'data.image_size': None})])
+  sweep = Sweep(base=base_file, variants=[('a', {'data.eval_batch_size': None})])
   (variant,) = expand(sweep, '/d')
-  with pytest.raises(UserError, match=r'data\.image_size=None.*16'):
+  with pytest.raises(UserError, match=r'data\.eval_batch_size=None.*16'):
     command(sweep, variant, '/d', load_config_file(base_file))
 
 

@@ -191,6 +191,20 @@ def test_label_out_of_range(earlier_run, tmp_path):
           '(model.num_classes)') in message
 
 
+@pytest.mark.parametrize('label', [2**32 + 1, -2**32, -1])
+def test_a_label_no_narrowing_may_turn_into_a_class(earlier_run, tmp_path, label):
+  """Labels are checked before they are cast to int32, which would wrap 2**32 + 1 into 1."""
+  run_dir, _ = earlier_run
+  images, labels = make_arrays(per_class=16, seed=0)
+  labels = labels.astype(np.int64 if label < 0 else np.uint64)
+  labels[3] = label
+  data = tmp_path / 'wide_labels.npz'
+  np.savez(data, train_images=images, train_labels=labels, test_images=images[:8],
+           test_labels=labels[:8] % 3)
+  message = _refused(run_dir, small_config(**{'data.path': str(data)}), DataError)
+  assert f"label {label} of example 3 in split 'train' is not a class id" in message
+
+
 @pytest.mark.parametrize('split', ['train', 'test'])
 def test_empty_split(earlier_run, tmp_path, split):
   run_dir, _ = earlier_run

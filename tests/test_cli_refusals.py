@@ -30,6 +30,13 @@ def _files(root):
   (root / 'no_get_config.py').write_text('x = 1\n')
   (root / 'returns_none.py').write_text('def get_config(arg=None):\n  return None\n')
   (root / 'raises.py').write_text('def get_config(arg=None):\n  return {}["missing"]\n')
+  (root / 'exits.py').write_text('import sys\ndef get_config(arg=None):\n  sys.exit(0)\n')
+  (root / 'unknown_key.py').write_text(
+      'from tljax.config import base_config\ndef get_config(arg=None):\n'
+      '  c = base_config()\n  c.data.pathh = "x"\n  return c\n')
+  (root / 'partial.py').write_text(
+      'import ml_collections\ndef get_config(arg=None):\n'
+      '  return ml_collections.ConfigDict({"model": {"name": "small_cnn", "num_classes": 3}})\n')
   (root / 'sweep_escape.py').write_text(
       'from tljax.sweep import Sweep\n'
       f'def get_config(arg=None):\n  return Sweep(base="{REPO}/configs/tests/arrays.py", '
@@ -76,6 +83,20 @@ def _cases(root, data):
           *train_cmd, ARRAYS, run, '--config.data.source=folder',
           f'--config.data.path={root}/images', '--config.model.num_classes=3'],
        2, f'{root}/images/train/dog/gone.png (a dangling or looping symbolic link'),
+      ('get_config calls sys.exit', [*train_cmd, f'--config={root}/exits.py', run],
+       2, f'config file {root}/exits.py:3 raised SystemExit'),
+      ('unknown key set in the config file', [*train_cmd, f'--config={root}/unknown_key.py',
+                                              run, override],
+       2, f"config file {root}/unknown_key.py: unknown config key 'data.pathh'"),
+      ('override of a key the file does not set', [
+          *train_cmd, f'--config={root}/partial.py', run, '--config.total_steps=0'],
+       2, 'total_steps=0 must be an integer in [1, 2147483647]'),
+      ('an argument that is not a flag', [*train_cmd, ARRAYS, run, override, 'stray'],
+       2, "unexpected arguments ['stray']"),
+      ('a coordinator address without a port number', [
+          *train_cmd, ARRAYS, run, override, '--coordinator_address=127.0.0.1:abc',
+          '--num_processes=1', '--process_id=0'],
+       2, "--coordinator_address='127.0.0.1:abc' must be HOST:PORT"),
       ('sweep variant escaping its directory', [
           '-m', 'tljax.ablate', f'--config={root}/sweep_escape.py', f'--workdir={root}/sweep'],
        2, "sweep variant name '../../escaped' is not a safe directory name"),

@@ -184,10 +184,12 @@ def test_sigkill_at_random_moments_loses_nothing(run_args, uninterrupted, tmp_pa
         f'checkpoint, resumed at {resumes}; final state bitwise equal')
 
 
-@pytest.mark.parametrize('signals', [('SIGTERM',), ('SIGINT',), ('SIGTERM', 'SIGTERM')],
-                         ids=['SIGTERM', 'Ctrl-C', 'SIGTERM twice 300 ms apart'])
+@pytest.mark.parametrize('signals,resume', [
+    (('SIGTERM',), True), (('SIGINT',), True), (('SIGTERM', 'SIGTERM'), False),
+    (('SIGTERM', 'SIGINT'), False)],
+    ids=['SIGTERM', 'Ctrl-C', 'SIGTERM twice 300 ms apart', 'SIGTERM then one Ctrl-C'])
 def test_a_stop_request_saves_exits_75_and_the_same_command_resumes(run_args, uninterrupted,
-                                                                    tmp_path, signals):
+                                                                    tmp_path, signals, resume):
   workdir = tmp_path / 'preempted'
   process = _start(workdir, run_args, 'preempted')
   while not _complete_steps(workdir):  # in the training loop
@@ -203,7 +205,8 @@ def test_a_stop_request_saves_exits_75_and_the_same_command_resumes(run_args, un
   step = int(output.split('preempted: checkpoint of step ')[1].split()[0])
   assert 0 < step < TOTAL_STEPS
   assert _complete_steps(workdir)[-1] == step and not _partial_checkpoints(workdir)
-
+  if not resume:  # the resume itself is the same as for one signal
+    return
   resumed = _start(workdir, run_args, 'resumed')
   assert resumed.wait(timeout=300) == 0, _output(resumed)[-3000:]
   assert f'resumed from checkpoint at step {step}' in _output(resumed)
@@ -311,8 +314,10 @@ def test_divergence_stops_at_the_first_nonfinite_step_and_saves_none(tmp_path):
     assert np.isfinite(np.asarray(value)).all()
 
 
-def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path, npz_path):
-  """jax.distributed's preemption service: every process saves the same step and exits 75."""
+@pytest.mark.parametrize('target', ['worker', 'launcher'])
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path, npz_path, target):
+  """jax.distributed's preemption service: every process saves the same step and exits 75,
+  whether one worker gets the signal or the launcher (which forwards it to both)."""
   workdir = tmp_path / 'two'
   launcher = subprocess.Popen(
       ['bash', f'{REPO}/launch/multiprocess.sh', '2', f'{REPO}/configs/tests/arrays.py',
@@ -326,7 +331,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path, npz_pa
   worker = subprocess.run(['pgrep', '-f', f'workdir={workdir} .*--process_id=1'],
                           capture_output=True, text=True).stdout.split()
   assert len(worker) == 1, worker
-  os.kill(int(worker[0]), signal.SIGTERM)
+  os.kill(int(worker[0]) if target == 'worker' else launcher.pid, signal.SIGTERM)
   assert launcher.wait(timeout=120) == PREEMPTED_EXIT_CODE
   saved = set()
   for i in range(2):

@@ -169,6 +169,10 @@ def _write_corpus(root) -> dict[str, tuple[str, str]]:
       'build_on_a_checked_tensor': (lambda p: _zip_file(p, _pickle({'w': _Tensor(
           _Storage('0', 4), 0, (2,), (1,), state={'shape': (16, 3)})}), {'0': FOUR_FLOATS}),
                                     'refusing a BUILD opcode on _LazyTensor'),
+      'dotted_and_nested_names_clash': (lambda p: _zip_file(p, _pickle({
+          'a.b': _Tensor(_Storage('0', 4), 0, (4,), (1,)),
+          'a': {'b': _Tensor(_Storage('0', 4), 0, (2,), (1,))}}), {'0': FOUR_FLOATS}),
+                                        "two tensors are both named 'a/b'"),
       'dtype_conflict': (lambda p: _zip_file(p, _pickle({
           'a': _Tensor(_Storage('0', 4), 0, (4,), (1,)),
           'b': _Tensor(_Storage('0', 4, 'IntStorage'), 0, (4,), (1,))}), {'0': FOUR_FLOATS}),
@@ -187,6 +191,10 @@ def _write_corpus(root) -> dict[str, tuple[str, str]]:
           'w.npy', _npy_header('<f4', (2**62,)) + b'\0' * 16, 'truncated or damaged'),
       'object_dtype': ('w.npy', _npy_header('|O', (1,)) + b'\0' * 8, 'only numbers'),
   }
+  from safetensors.numpy import save_file
+  path = os.path.join(root, 'names_clash.safetensors')
+  save_file({'a.b': np.zeros(2, np.float32), 'a/b': np.ones(2, np.float32)}, path)
+  corpus['safetensors_names_clash'] = (path, 'differing only in "." and "/"')
   for name, (member, data, expected) in npz_cases.items():
     path = os.path.join(root, f'{name}.npz')
     with zipfile.ZipFile(path, 'w') as archive:

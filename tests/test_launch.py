@@ -129,6 +129,7 @@ def test_tpu_vm_refuses_what_it_cannot_run(tmp_path):
     (['--zone', 'us$(id)', 'run', 'c.py', 'w'], "--zone 'us$(id)' may hold only"),
     (['--name'], '--name needs a value'),
     (['--name', '--zone', 'z', 'create'], '--name needs a value'),
+    (['run', 'c.py', 'w', '--dry-run'], "'--dry-run' after 'run CONFIG WORKDIR' is not a"),
 ])
 def test_tpu_vm_refuses_names_that_would_need_quoting(tmp_path, args, message):
   result = _tpu_vm(['--dry-run', *args], tmp_path)
@@ -216,3 +217,25 @@ def test_slurm_array_task_runs_its_sweep_line_as_jax_distributed_processes(tmp_p
   assert config['optim']['lr'] == 0.05  # line 2 of the sweep, and only it
   first = next(w[len('--workdir='):] for w in variants[0] if w.startswith('--workdir='))
   assert not os.path.exists(first)
+
+
+def test_a_sweep_file_with_windows_line_ends_runs_its_lines(tmp_path):
+  sweep = tmp_path / 'sweep.txt'
+  sweep.write_bytes(b'python -m tljax.train --config=a.py --workdir=/w/1\r\n\r\n')
+  result = _tpu_vm(['--dry-run', '--name', 'abl', 'sweep', str(sweep)], tmp_path)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.count('tpu-vm create') == 1 and '--workdir=/w/1 ' in result.stdout
+
+
+@pytest.mark.parametrize('args,env,message', [
+    (['0'], {}, "N='0' must be a positive integer"),
+    (['abc'], {}, "N='abc' must be a positive integer"),
+    (['2'], {'PORT': '70000'}, "PORT='70000' must be a positive integer"),
+    (['2'], {'DEVICES_PER_PROCESS': '$(id)'}, "DEVICES_PER_PROCESS='$(id)' must be"),
+])
+def test_multiprocess_refuses_counts_and_ports_that_are_not_numbers(tmp_path, args, env, message):
+  result = subprocess.run(['bash', f'{REPO}/launch/multiprocess.sh', *args, 'c.py',
+                           str(tmp_path / 'w')], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=60)
+  assert result.returncode == 2 and result.stderr.startswith(f'error: {message}')
+  assert not (tmp_path / 'w').exists()

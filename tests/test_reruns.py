@@ -5,10 +5,12 @@ one that restores, another model's checkpoint is refused, and one run at a time 
 
 import json
 import os
+import pathlib
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -186,3 +188,23 @@ def test_a_checkpoint_directory_removed_during_a_failed_save_is_reported_truthfu
                      match=f'the directory {ckpt.directory} no longer exists .* so no '
                            'checkpoint is kept'):
     ckpt.save(6, {'w': np.arange(4.0)})
+
+
+def test_an_unreadable_checkpoint_is_refused_not_set_aside(finished, tmp_path):
+  """Permission bits do not stop root, so as root the check runs as `nobody`."""
+  base = tempfile.mkdtemp()  # /tmp: a path `nobody` can walk (pytest's tmp_path is 0700)
+  os.chmod(base, 0o755)
+  run_dir = _copy(finished[0], pathlib.Path(base))
+  step_dir = run_dir / 'checkpoints' / '6'
+  os.chmod(step_dir / 'default', 0o000)
+  as_root = os.geteuid() == 0
+  try:
+    if as_root:
+      os.seteuid(65534)
+    with pytest.raises(UserError, match=f'{step_dir / "default"} is not readable by this user'):
+      checkpoint.restore_newest(str(run_dir), None)
+  finally:
+    if as_root:
+      os.seteuid(0)
+    os.chmod(step_dir / 'default', 0o755)
+    shutil.rmtree(base)

@@ -97,7 +97,7 @@ def test_real_weights_classify_real_photos(source, photos):
   assert len(imagenet_classes()) == 1000
 
 
-def test_missing_mismatched_and_unexpected_keys_in_one_table():
+def test_missing_mismatched_and_unexpected_keys_in_one_line():
   flat = read.read_file(zoo.fetch('mobilenet_v2/imagenet'))
   del flat['features/3/conv/1/0/weight']
   flat['classifier/1/weight'] = np.zeros((10, 1280), np.float32)
@@ -106,9 +106,11 @@ def test_missing_mismatched_and_unexpected_keys_in_one_table():
   with pytest.raises(WeightsError) as error:
     load.merge(fresh, mobilenet_v2.from_torchvision(flat))
   message = str(error.value)
-  assert 'missing     params/stage2/block1/dw_conv/kernel' in message
-  assert 'mismatched  params/head/kernel: checkpoint (1280, 10) vs model (1280, 1000)' in message
-  assert 'unexpected  unconverted/extra/weight' in message
+  assert '\n' not in message
+  assert 'missing (1): params/stage2/block1/dw_conv/kernel;' in message
+  assert ('mismatched (1): params/head/kernel: checkpoint (1280, 10) vs model (1280, 1000);'
+          in message)
+  assert 'unexpected (1): unconverted/extra/weight.' in message
 
 
 def test_sha256_mismatch_fails_before_the_file_is_parsed(tmp_path, monkeypatch):
@@ -174,3 +176,23 @@ def test_a_zoo_source_brings_its_normalisation_and_checks_the_model_name():
   config.model.name = 'mobilenet_v2'
   with pytest.raises(UserError, match="holds 'efficientnet_lite0' weights but model.name is"):
     train._with_zoo_defaults(resolve(config))
+
+
+def test_downloads_are_cached_by_the_whole_url_and_a_failed_one_is_one_error(tmp_path,
+                                                                             monkeypatch):
+  monkeypatch.setattr(zoo, 'CACHE', str(tmp_path / 'cache'))
+  for name, content in (('a', b'first'), ('b', b'second')):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / 'model.npz').write_bytes(content)
+  first = zoo._download(f'file://{tmp_path}/a/model.npz')
+  second = zoo._download(f'file://{tmp_path}/b/model.npz')  # same file name, other URL
+  assert open(first, 'rb').read() == b'first' and open(second, 'rb').read() == b'second'
+  with pytest.raises(WeightsError, match=r'https://127.0.0.1:1/x.pth: cannot download it '
+                                         r'\(URLError'):
+    zoo._download('https://127.0.0.1:1/x.pth')
+  assert not [p for p in (tmp_path / 'cache').rglob('*') if p.suffix == '.partial']
+
+
+def test_a_vit_refuses_images_that_are_not_whole_patches():
+  with pytest.raises(UserError, match=r'images of 8x8 are not whole 16x16 patches'):
+    tljax.create('vit_b16', num_classes=2, image_size=8)

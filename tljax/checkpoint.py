@@ -165,6 +165,7 @@ def restore_newest(workdir: str, like: Any = None) -> Resume:
         if not os.path.isdir(os.path.join(directory, str(step))):
           resume.damaged.append((step, 'not a directory'))
           continue
+        _check_permissions(os.path.join(directory, str(step)))
         if not os.path.isfile(os.path.join(directory, str(step), '_CHECKPOINT_METADATA')):
           resume.damaged.append((step, 'incomplete: no _CHECKPOINT_METADATA'))
           continue
@@ -192,6 +193,24 @@ def restore_newest(workdir: str, like: Any = None) -> Resume:
     finally:
       manager.close()
   return resume
+
+
+def _check_permissions(step_dir: str) -> None:
+  """A checkpoint this process may not read is not damaged: refuse, naming the path, rather
+  than set it aside and silently train from an older one."""
+  effective = os.access in os.supports_effective_ids  # the user this process runs as
+
+  def readable(path: str, directory: bool) -> bool:
+    return os.access(path, os.R_OK | (os.X_OK if directory else 0), effective_ids=effective)
+
+  for root, dirs, files in os.walk(step_dir):
+    for name in dirs + files:
+      path = os.path.join(root, name)
+      if not readable(path, name in dirs):
+        raise UserError(f'{path} is not readable by this user (permission denied); make the '
+                        f'checkpoint {step_dir} readable, or move it away')
+  if not readable(step_dir, True):
+    raise UserError(f'checkpoint {step_dir} is not readable by this user (permission denied)')
 
 
 def _reason(error: BaseException) -> str:

@@ -7,6 +7,7 @@ the model's constructor; the CLI locks the config, so a misspelt override is an 
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import math
 import os
@@ -150,18 +151,64 @@ def load_config_file(spec: str, expect: type | tuple[type, ...] | None = None) -
   module = importlib.util.module_from_spec(module_spec)
   try:
     module_spec.loader.exec_module(module)
-  except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 (whatever its code raises)
+  except (Exception, KeyboardInterrupt, SystemExit) as e:  # noqa: BLE001 (whatever it raises)
     raise _config_file_error(path, e) from None
   if not callable(getattr(module, 'get_config', None)):
     raise ConfigError(f'config file {path!r} defines no get_config(arg)')
   try:
     config = module.get_config(arg or None)
-  except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001
+  except (Exception, KeyboardInterrupt, SystemExit) as e:  # noqa: BLE001
     raise _config_file_error(path, e) from None
   if expect is not None and not isinstance(config, expect):
     names = ' or '.join(t.__name__ for t in (expect if isinstance(expect, tuple) else (expect,)))
     raise ConfigError(f'config file {path!r}: get_config({arg or None!r}) returned '
                       f'{type(config).__name__}, not a {names}')
+  return config
+
+
+_TRUE, _FALSE = ('true', '1', 'yes'), ('false', '0', 'no')
+
+
+def parse_override(config: ml_collections.ConfigDict, key: str, text: str) -> Any:
+  """The value `--config.KEY=TEXT` sets, read by the field's type in `config`: the text itself
+  for strings, a number for numbers, true/false for booleans, and a Python literal (parsed,
+  never evaluated) for tuples, dicts and None; text that is no literal stays a string."""
+  node = config
+  for part in key.split('.')[:-1]:
+    node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
+  leaf = key.split('.')[-1]
+  field_type = (node.get_type(leaf) if isinstance(node, ml_collections.ConfigDict)
+                and leaf in node else None)
+  try:
+    if field_type is str:
+      return text
+    if field_type is bool:
+      if text.lower() not in _TRUE + _FALSE:
+        raise ValueError(f'expected true or false, got {text!r}')
+      return text.lower() in _TRUE
+    if field_type is int:
+      return int(text)
+    if field_type is float:
+      return float(text)
+    try:
+      return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      return text  # e.g. a path or a name for a free-form model key
+  except (ValueError, TypeError, MemoryError, RecursionError) as e:
+    raise ConfigError(f'override --config.{key}={text!r:.80}: {e}') from None
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: list[tuple[str, str]],
+                    source: str = '') -> ml_collections.ConfigDict:
+  """`config` (from the file `source`) resolved against the defaults, then each
+  `--config.KEY=TEXT` set in order; an unknown key or a value of the wrong type is one
+  ConfigError naming it, and the file when the fault is there."""
+  try:
+    config = resolve(config)
+  except ConfigError as e:
+    raise ConfigError(f'config file {source}: {e}' if source else str(e)) from None
+  for key, text in overrides:
+    set_override(config, key, parse_override(config, key, text))
   return config
 
 

@@ -132,8 +132,8 @@ def stage_groups(stages: Sequence[str], frozen_stages: int,
   `frozen_stages=len(stages) - 1` is a linear probe (everything but the head frozen).
   """
   if not 0 <= frozen_stages < len(stages):
-    raise FreezeError(f'frozen_stages must be in [0, {len(stages) - 1}] for stages '
-                      f'{list(stages)}, got {frozen_stages}')
+    raise FreezeError(f'freeze.preset=\'stages:{frozen_stages}\' must freeze 0 to '
+                      f'{len(stages) - 1} stages of {list(stages)}')
   groups: list[tuple[str, Any]] = []
   if frozen_stages:
     groups.append((stage_patterns(stages[:frozen_stages]), None))

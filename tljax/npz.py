@@ -55,7 +55,7 @@ def read(path: str, error: type[UserError], name: str) -> dict[str, np.ndarray]:
   """Every member of the archive at `path` as `{name without .npy: array}`. Errors are
   `error` (a UserError subclass), their message starting with `name` (the file and its key)."""
   if not os.path.isfile(path):
-    raise error(f'{name}: no such file')
+    raise error(f'{name}: {"not a regular file" if os.path.exists(path) else "no such file"}')
   try:
     with zipfile.ZipFile(path) as archive:
       arrays = {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +21,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from tljax.errors import UserError
+from tljax import preemption
+from tljax.errors import Preempted, UserError
 from tljax.partition import DATA_AXIS, Layout
 
 PMAP_AXIS = 'batch'
@@ -41,12 +43,31 @@ def initialize_distributed(coordinator_address: str | None = None,
   if (num_processes is not None and process_id is not None
       and not 0 <= process_id < num_processes):
     raise UserError(f'--process_id={process_id} must be in [0, --num_processes={num_processes})')
-  try:
-    jax.distributed.initialize(**kwargs)
-  except (ValueError, RuntimeError, TypeError) as e:  # bad ids, or no coordinator reachable
-    flags = ', '.join(f'--{k}={v}' for k, v in kwargs.items()) or '--distributed'
-    reason = ' '.join(str(e).split())[:300]
+  flags = ', '.join(f'--{k}={v}' for k, v in kwargs.items()) or '--distributed'
+  # Joining blocks in native code until every process is there (or a timeout); it runs in a
+  # thread so that SIGTERM or Ctrl-C meanwhile still stops this process, with nothing to save.
+  outcome: dict[str, BaseException] = {}
+
+  def join() -> None:
+    try:
+      jax.distributed.initialize(**kwargs)
+    except BaseException as e:  # noqa: BLE001 (handed to the main thread)
+      outcome['error'] = e
+
+  thread = threading.Thread(target=join, name='tljax-distributed-join', daemon=True)
+  thread.start()
+  while thread.is_alive():
+    thread.join(0.1)
+    requested = preemption.requested_early()
+    if requested:
+      raise Preempted(None, f'stopped by {requested} while joining the jax.distributed job '
+                            f'({flags}); nothing needed saving')
+  error = outcome.get('error')
+  if isinstance(error, (ValueError, RuntimeError, TypeError)):  # bad ids, no coordinator
+    reason = ' '.join(str(error).split())[:300]
     raise UserError(f'cannot join the jax.distributed job ({flags}): {reason}') from None
+  if error is not None:
+    raise error
 
 
 def sync_processes(name: str) -> None:

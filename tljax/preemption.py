@@ -41,7 +41,7 @@ def _abort(name: str) -> None:
 
 def _early_handler(signum: int, frame: FrameType | None) -> None:
   name = signal.Signals(signum).name
-  if signum == signal.SIGINT and _early_requests:
+  if signum == signal.SIGINT and 'SIGINT' in _early_requests:
     _abort(name)
   _early_requests.append(name)
 
@@ -75,6 +75,7 @@ class StopRequests:
     import jax
     self.distributed = jax.process_count() > 1
     self.requested: str | None = requested_early()
+    self.interrupts = _early_requests.count('SIGINT')
     self._previous: dict[int, Any] = {}
 
   def __enter__(self) -> StopRequests:
@@ -91,10 +92,12 @@ class StopRequests:
 
   def _handle(self, signum: int, frame: FrameType | None) -> None:
     name = signal.Signals(signum).name
-    if signum == signal.SIGINT and self.requested:
-      if _cli:  # like a SIGKILL: a half-written checkpoint is removed on the next start
-        _abort(name)
-      raise KeyboardInterrupt(f'{name} again')  # in a notebook: stop, keep the kernel
+    if signum == signal.SIGINT:
+      self.interrupts += 1
+      if self.interrupts > 1:  # the second Ctrl-C (a SIGTERM before it does not count)
+        if _cli:  # like a SIGKILL: a half-written checkpoint is removed on the next start
+          _abort(name)
+        raise KeyboardInterrupt(f'{name} again')  # in a notebook: stop, keep the kernel
     self.requested = self.requested or name
     if self.distributed and signum == signal.SIGINT:
       os.kill(os.getpid(), signal.SIGTERM)  # to JAX's preemption service

@@ -144,6 +144,12 @@ def variant_config(base: ml_collections.ConfigDict, variant: Variant
   return config
 
 
+def current_value(config: ml_collections.ConfigDict, key: str) -> Any:
+  """The value of the dotted `key` in `config` (None where a part is missing)."""
+  return functools.reduce(lambda node, part: node.get(part) if node is not None else None,
+                          key.split('.'), config)
+
+
 def _flag_value(value: Any) -> str:
   """How `--config.key=` spells `value`: strings raw, everything else as a Python literal."""
   return value if isinstance(value, str) else repr(tuple(value) if isinstance(value, list)
@@ -157,7 +163,12 @@ def command(sweep: Sweep, variant: Variant, sweep_dir: str,
   A None override is left out when the base config already holds None (config flags cannot
   spell None for a typed key), and is an error otherwise.
   """
-  variant_config(base, variant)  # unknown keys fail here, named
+  try:  # unknown keys and nonsense values fail here, named, as the run would refuse them
+    config_lib.check_values(variant_config(base, variant))
+  except UserError as e:
+    message = str(e)
+    raise UserError(message if message.startswith('sweep variant') else
+                    f'sweep variant {variant.name!r}: {message}') from None
   resolved = config_lib.resolve(base)
   args = ['python', '-m', 'tljax.train', f'--config={sweep.base}',
           f'--workdir={os.path.join(sweep_dir, variant.name)}']
@@ -169,11 +180,14 @@ def command(sweep: Sweep, variant: Variant, sweep_dir: str,
                       'control character, which one printed command line cannot carry')
   for key, value in variant.overrides.items():
     if value is None:
-      current = functools.reduce(lambda node, part: node.get(part), key.split('.'), resolved)
+      current = current_value(resolved, key)
       if current is not None:
         raise UserError(f'sweep variant {variant.name!r}: {key}=None cannot be written as a '
                         f'command-line flag over the base value {current!r}; make None the '
                         'base value and set the others in the sweep')
       continue
+    if isinstance(value, list) or isinstance(current_value(resolved, key), list):
+      raise UserError(f'sweep variant {variant.name!r}: {key} is a list, which a command-line '
+                      'flag cannot set; put it in the base config, or sweep freeze.preset')
     args.append(f'--config.{key}={_flag_value(value)}')
   return ' '.join(shlex.quote(a) for a in args)

@@ -26,7 +26,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from tljax import (
   checkpoint,
@@ -417,8 +416,9 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   return results
 
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file[:arg].',
-                                          lock_config=True)
+_CONFIG = flags.DEFINE_string(
+    'config', None, 'Experiment config file[:arg] (Python, with get_config); set any of its keys '
+    'with --config.KEY=VALUE after it.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics, results.')
 _COORDINATOR = flags.DEFINE_string(
     'coordinator_address', None, 'host:port of process 0; joins a jax.distributed job.')
@@ -446,13 +446,16 @@ def main(argv: list[str]) -> None:
   if _CONFIG.value is None or _WORKDIR.value is None:
     _usage_error('--config and --workdir are required')
   try:
+    config = config_lib.apply_overrides(
+        config_lib.load_config_file(_CONFIG.value, ml_collections.ConfigDict), _OVERRIDES,
+        _CONFIG.value)
     if _CPU_DEVICES.value is not None:
       parallel.set_cpu_device_count(_CPU_DEVICES.value)
     parallel.enable_compilation_cache()
     if _COORDINATOR.value or _DISTRIBUTED.value:
       parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                       _PROCESS_ID.value)
-    run(_CONFIG.value, _WORKDIR.value, fresh=_FRESH.value)
+    run(config, _WORKDIR.value, fresh=_FRESH.value)
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
@@ -475,33 +478,30 @@ def main(argv: list[str]) -> None:
     preemption.ignore_from_now()  # the outcome is decided: a late signal must not change it
 
 
-def _config_spec(argv: list[str]) -> str | None:
-  """The value of --config in `argv` (`--config=F` or `--config F`)."""
-  for index, arg in enumerate(argv):
-    if arg.startswith('--config='):
-      return arg[len('--config='):]
-    if arg == '--config' and index + 1 < len(argv):
-      return argv[index + 1]
-  return None
+_OVERRIDES: list[tuple[str, str]] = []  # (KEY, TEXT) of each --config.KEY=TEXT, in order
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing, with a bad config file or a misspelt `--config.key` override reported
-  as one line naming it."""
+  """absl flags, with each `--config.KEY=VALUE` (or `--config.KEY VALUE`) set aside for the
+  config: it is applied, by the key's type, to the file's config resolved against the defaults,
+  so a key the file does not set can still be overridden. A bad flag is one line."""
+  rest = [argv[0]]
+  args = iter(argv[1:])
+  for arg in args:
+    if arg.startswith('--config.'):
+      key, has_value, text = arg[len('--config.'):].partition('=')
+      if not has_value:
+        text = next(args, None)
+        if text is None:
+          print(f'error: {arg} needs a value ({arg}=VALUE)', file=sys.stderr)
+          sys.exit(2)
+      _OVERRIDES.append((key, text))
+    else:
+      rest.append(arg)
   try:
-    spec = _config_spec(argv)
-    if spec is not None:
-      # The file is named for its own faults before any override is blamed.
-      config_lib.load_config_file(spec, ml_collections.ConfigDict)
-    return flags.FLAGS(argv)
-  except UserError as e:
-    print(f'error: {e}', file=sys.stderr)
+    return flags.FLAGS(rest)
   except flags.Error as e:
     print(f'error: {e}', file=sys.stderr)
-  except (AttributeError, KeyError, TypeError, ValueError) as e:
-    overrides = [a for a in argv[1:] if a.startswith('--config.')]
-    message = str(e).replace("\\'", "'").replace('\\n', ' ').replace('\n', ' ').strip('\'"')
-    print(f'error: bad config override among {overrides}: {message}', file=sys.stderr)
   sys.exit(2)
 
 

@@ -46,6 +46,10 @@ class WorkdirError(UserError):
 
 def check_writable(workdir: str) -> None:
   """Creates `workdir` if needed and proves a file can be written in it (and in checkpoints/)."""
+  if os.path.lexists(workdir) and not os.path.isdir(workdir):
+    kind = ('a dangling symbolic link' if not os.path.exists(workdir) else
+            'a link to a file' if os.path.islink(workdir) else 'a file')
+    raise WorkdirError(f'workdir {workdir!r} is {kind}, not a directory; use another --workdir')
   try:
     os.makedirs(workdir, exist_ok=True)
     for directory in (workdir, os.path.join(workdir, 'checkpoints')):
@@ -237,7 +241,7 @@ def _check_metrics_file(path: str) -> None:
   for number, raw in enumerate(lines[:-1], 1):  # every line ended by a newline
     try:
       record = json.loads(raw.decode('utf-8'))
-      if not isinstance(record, dict) or not isinstance(record.get('step'), int):
+      if not isinstance(record, dict) or type(record.get('step')) is not int:  # not a bool
         raise ValueError('not a {"step": ...} record')
     except (UnicodeDecodeError, ValueError) as e:
       raise WorkdirError(f'{path}:{number} is damaged ({type(e).__name__}: {str(e)[:80]}); '
@@ -253,8 +257,9 @@ def read_results(workdir: str) -> dict[str, Any] | None:
   try:
     with open(path, encoding='utf-8') as f:
       results = json.load(f)
-    if not isinstance(results, dict) or not isinstance(results.get('final_step'), int):
-      raise ValueError('no final_step')
+    if (not isinstance(results, dict) or type(results.get('final_step')) is not int
+        or results['final_step'] < 1):
+      raise ValueError('no final_step of at least 1')
   except (OSError, UnicodeDecodeError, ValueError) as e:
     raise WorkdirError(f'{path} is damaged ({type(e).__name__}: {str(e)[:80]}); move it away '
                        'and run the same command to write it again from the final '

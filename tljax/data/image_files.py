@@ -37,7 +37,7 @@ def _entry_problem(path: str) -> tuple[str | None, os.stat_result | None]:
     return 'a directory, not an image file', None
   if not stat.S_ISREG(info.st_mode):
     return 'not a regular file', None
-  if not os.access(path, os.R_OK):
+  if not os.access(path, os.R_OK, effective_ids=os.access in os.supports_effective_ids):
     return 'not readable (permission denied)', None
   return None, info
 
@@ -90,19 +90,33 @@ def problems(paths: Sequence[str], max_pixels: int) -> dict[str, str]:
     if key not in _decoded_ok:
       to_decode.append((path, key))
     elif not _decoded_ok[key]:
-      found[path] = UNDECODABLE
+      found[path] = _why_undecodable(path)
   bad = set(undecodable([path for path, _ in to_decode]))
   for path, key in to_decode:
     _decoded_ok[key] = path not in bad
     if path in bad:
-      found[path] = UNDECODABLE
+      found[path] = _why_undecodable(path)
   return found
+
+
+def _why_undecodable(path: str) -> str:
+  """A valid image in a variant TensorFlow lacks (a 1-bit BMP, a TIFF named .png) is not
+  'damaged': say what it is and what to do."""
+  from PIL import Image
+  try:
+    with Image.open(path) as image:  # under the pixel limit, checked before decoding
+      image.load()  # decodes every pixel: a truncated or damaged file fails here too
+      kind = f'a valid {image.format} image of mode {image.mode}'
+  except Exception:  # noqa: BLE001 (PIL cannot read it either)
+    return UNDECODABLE
+  return f'{kind} that TensorFlow cannot decode; convert it to PNG or JPEG'
+
 
 
 def message(split: str, found: dict[str, str]) -> str:
   """One line naming the unusable files of `split` (the first five) and what to do."""
   files = sorted(found)
-  shown = '; '.join(f'{ascii(path)[1:-1]} ({found[path]})' for path in files[:5])
+  shown = '; '.join(f'{ascii(str(path))[1:-1]} ({found[path]})' for path in files[:5])
   more = f'; and {len(files) - 5} more' if len(files) > 5 else ''
   return (f'{len(files)} image file(s) of split {split!r} cannot be used: {shown}{more}. '
           'Replace or remove them, or set data.skip_corrupt_images=True to leave them out and '

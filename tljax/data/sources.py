@@ -204,6 +204,10 @@ class ArraySource(Source):
       if labels.ndim != 1 or labels.dtype.kind not in 'iu' or len(labels) != len(images):
         raise DataError(f'labels of split {name!r} must be {len(images)} integers (one per '
                         f'image), got {labels.dtype} {list(labels.shape)}')
+      outside = np.flatnonzero((labels < 0) | (labels > np.iinfo(np.int32).max))
+      if outside.size:  # before the int32 cast, which would wrap them into valid classes
+        raise DataError(f'label {labels[outside[0]]} of example {outside[0]} in split {name!r} '
+                        f'is not a class id (an integer from 0); {outside.size} such labels')
       self.splits[name] = (images, labels.astype(np.int32))
     self.num_classes = num_classes
 

@@ -77,6 +77,10 @@ class _Embed(nn.Module):
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
     p = self.patch_size
+    height, width = images.shape[1:3]
+    if height % p or width % p or height < p:  # border pixels would be dropped, or no patch
+      raise ValueError(f'images of {height}x{width} are not whole {p}x{p} patches (set '
+                       f'data.image_size to a multiple of {p}, or model.patch_size)')
     x = nn.Conv(self.width, (p, p), (p, p), padding='VALID', name='patch')(images)
     n, h, w, c = x.shape
     x = x.reshape(n, h * w, c)

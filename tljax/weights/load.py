@@ -58,18 +58,18 @@ def merge(fresh: Mapping[str, Any], loaded: Mapping[str, np.ndarray],
   report['unexpected'] = [p for p in loaded if p not in flat and not _skipped(p, patterns)]
   errors = {k: report[k] for k in ('missing', 'mismatched', 'unexpected') if report[k]}
   if errors:
-    raise WeightsError('pretrained weights do not fit the model (add patterns to '
-                       'init.dont_load to keep fresh values):\n' + format_report(errors))
+    raise WeightsError('pretrained weights do not fit the model: ' + format_report(errors)
+                       + '. Add patterns to init.dont_load to keep fresh values')
   return traverse_util.unflatten_dict(flat, sep='/'), report
 
 
-def format_report(report: Mapping[str, list[str]]) -> str:
-  """One line per key: `  missing     params/head/kernel`."""
-  lines = []
+def format_report(report: Mapping[str, list[str]], shown: int = 5) -> str:
+  """One line: `missing (2): params/a, params/b; mismatched (1): ...`, `shown` paths a kind."""
+  parts = []
   for kind, paths in report.items():
-    for path in paths:
-      lines.append(f'  {kind:<11} {path}')
-  return '\n'.join(lines)
+    more = f' and {len(paths) - shown} more' if len(paths) > shown else ''
+    parts.append(f'{kind} ({len(paths)}): {", ".join(paths[:shown])}{more}')
+  return '; '.join(parts)
 
 
 def convert(source: str, model_name: str, model: Any, layout: str | None = None

@@ -57,10 +57,18 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
   from safetensors import SafetensorError
   from safetensors.numpy import load_file
   try:
-    return {k.replace('.', '/'): v for k, v in load_file(path).items()}
+    tensors = load_file(path)
   except (SafetensorError, Exception) as e:  # noqa: BLE001 (e.g. a dtype NumPy lacks: one line)
     reason = ' '.join(f'{type(e).__name__}: {e}'.split())[:200]
     raise WeightsError(f'{path}: not a readable safetensors file ({reason})') from None
+  flat = {k.replace('.', '/'): v for k, v in tensors.items()}
+  if len(flat) != len(tensors):
+    names = sorted(tensors)
+    clash = next(a for a in names if a.replace('.', '/') in
+                 {b.replace('.', '/') for b in names if b != a})
+    raise WeightsError(f'{path}: tensors {clash!r} and another name differing only in "." and '
+                       '"/" would be read as one; not a file tljax can read unambiguously')
+  return flat
 
 
 def _flatten_tensors(tree: Any, source: str) -> dict[str, np.ndarray]:
@@ -75,6 +83,9 @@ def _flatten_tensors(tree: Any, source: str) -> dict[str, np.ndarray]:
       raise WeightsError(f'{source}: more than {torch_file.MAX_OBJECTS:,} entries; not a '
                          'weights file')
     if isinstance(node, np.ndarray):
+      if prefix in out:  # 'a.b' and {'a': {'b'}} are both a/b: neither may shadow the other
+        raise WeightsError(f'{source}: two tensors are both named {prefix!r} (once with dots, '
+                           'once nested); not a state dict tljax can read unambiguously')
       out[prefix] = node
     elif isinstance(node, Mapping):
       children = [(f'{prefix}/{name}' if prefix else name, value)
@@ -99,7 +110,8 @@ def read_torch(path: str) -> dict[str, np.ndarray]:
 def read_file(path: str) -> dict[str, np.ndarray]:
   """Dispatches on the file name: .npz, .safetensors, or a torch.save file."""
   if not os.path.isfile(path):
-    raise WeightsError(f'{path}: no such file')
+    raise WeightsError(f'{path}: ' + ('not a regular file (a directory, FIFO or device)'
+                                      if os.path.exists(path) else 'no such file'))
   if path.endswith('.npz'):
     return read_npz(path)
   if path.endswith('.safetensors'):

@@ -319,7 +319,8 @@ def _load_legacy(path: str) -> Any:
 def load(path: str) -> Any:
   """The object saved in a `.pth`/`.bin` file, tensors as read-only NumPy arrays."""
   if not os.path.isfile(path):
-    raise WeightsError(f'{path}: no such file')
+    raise WeightsError(f'{path}: ' + ('not a regular file' if os.path.exists(path) else
+                                      'no such file'))
   with open(path, 'rb') as f:
     zip_header = f.read(4) == b'PK\x03\x04'
   if zip_header and not zipfile.is_zipfile(path):  # the zip directory sits at the end

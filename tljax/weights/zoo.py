@@ -9,6 +9,7 @@ network; never in tests). Files are checked against `sha256` before a byte is pa
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -96,12 +97,14 @@ def _package_file(where: str, install: str) -> str:
 
 
 def _download(url: str) -> str:
-  """Fetches `url` once into the cache; a partial download never takes the final name."""
-  path = os.path.join(CACHE, os.path.basename(url))
+  """Fetches `url` once into the cache; a partial download never takes the final name. The
+  cache is keyed by the whole URL: two URLs ending in the same file name are two files."""
+  directory = os.path.join(CACHE, hashlib.sha256(url.encode()).hexdigest()[:16])
+  path = os.path.join(directory, os.path.basename(url))
   if os.path.isfile(path):
     return path
-  os.makedirs(CACHE, exist_ok=True)
-  fd, partial = tempfile.mkstemp(dir=CACHE, suffix='.partial')
+  os.makedirs(directory, exist_ok=True)
+  fd, partial = tempfile.mkstemp(dir=directory, suffix='.partial')
   try:
     with os.fdopen(fd, 'wb') as out:
       if url.startswith('gs://'):
