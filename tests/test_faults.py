@@ -339,3 +339,33 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path, npz_pa
     saved.add(int(log.split('preempted: checkpoint of step ')[1].split()[0]))
   [step] = saved
   assert _complete_steps(workdir)[-1] == step < 400 and not _partial_checkpoints(workdir)
+
+
+_COMPILE_ONCE = '''
+import jax, jax.numpy as jnp
+from tljax import parallel
+parallel.enable_compilation_cache()
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+print(float(jax.jit(lambda x: jnp.sin(x) @ jnp.cos(x).T)(jnp.ones((64, 64))).sum()))
+'''
+
+
+def test_a_compilation_cache_entry_cut_short_by_a_kill_is_replaced(tmp_path):
+  """JAX writes cache entries in place and never rewrites one; tljax deletes the damaged entry
+  when JAX cannot read it, so the next write succeeds."""
+  env = {**ENV, 'TLJAX_COMPILATION_CACHE': str(tmp_path)}
+
+  def compile_once():
+    return subprocess.run([sys.executable, '-c', _COMPILE_ONCE], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+  first = compile_once()
+  assert first.returncode == 0, first.stderr[-2000:]
+  [entry] = [p for p in tmp_path.iterdir() if p.name.startswith('jit__lambda')]
+  entry.write_bytes(entry.read_bytes()[:50])  # what a SIGKILL mid-write leaves
+  second = compile_once()
+  assert second.returncode == 0 and second.stdout == first.stdout, second.stderr[-2000:]
+  assert (f'removed 1 damaged entry of the compilation cache {tmp_path}' in second.stderr)
+  assert 'Error reading persistent compilation cache entry' not in second.stderr
+  third = compile_once()  # the entry was written again, whole
+  assert 'damaged' not in third.stderr and len(entry.read_bytes()) > 50

@@ -8,9 +8,13 @@ gathers and reductions; under pmap it is replicated.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import sys
 import threading
+import warnings
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -88,7 +92,60 @@ def enable_compilation_cache() -> str | None:
     return None
   jax.config.update('jax_compilation_cache_dir', directory)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+  _repair_on_read_errors(directory)
   return directory
+
+
+def _decompresses(data: bytes) -> bool:
+  try:
+    zlib.decompress(data)
+    return True
+  except zlib.error:
+    pass
+  try:
+    import zstandard
+    zstandard.ZstdDecompressor().decompress(data)
+    return True
+  except Exception:  # noqa: BLE001 (not installed, or not a whole zstd frame)
+    return False
+
+
+def repair_compilation_cache(directory: str) -> list[str]:
+  """Deletes entries of the compilation cache that do not decompress and returns them. JAX
+  writes an entry in place and never replaces one, so a process killed mid-write leaves an
+  entry every later run fails to read, recompiles, and cannot rewrite."""
+  removed = []
+  for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
+    path = os.path.join(directory, name)
+    if name.endswith('-cache') and os.path.isfile(path):
+      with open(path, 'rb') as f:
+        if _decompresses(f.read()):
+          continue
+      for stale in (path, path[:-len('-cache')] + '-atime'):
+        with contextlib.suppress(OSError):
+          os.remove(stale)
+      removed.append(name)
+  return removed
+
+
+def _repair_on_read_errors(directory: str) -> None:
+  """When JAX warns that it cannot read a cache entry, the damaged entries are deleted (one
+  line says how many), so the program compiled now is written in their place."""
+  show = warnings.showwarning
+  if getattr(show, 'tljax_cache_repair', False):
+    return
+
+  def showwarning(message, category, filename, lineno, file=None, line=None):
+    if 'Error reading persistent compilation cache entry' in str(message):
+      removed = repair_compilation_cache(directory)
+      print(f'removed {len(removed)} damaged entr{"y" if len(removed) == 1 else "ies"} of the '
+            f'compilation cache {directory} (left by a process killed while writing them)',
+            file=sys.stderr, flush=True)
+      return
+    show(message, category, filename, lineno, file, line)
+
+  showwarning.tljax_cache_repair = True
+  warnings.showwarning = showwarning
 
 
 def set_cpu_device_count(count: int) -> None:
