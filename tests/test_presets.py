@@ -51,9 +51,9 @@ def test_scratch_drops_the_pretrained_init():
   assert train.resolve_config(config).init.pretrained == '/runs/pretrained'
 
 
-@pytest.mark.parametrize('preset,message', [('stages:x', "got 'stages:x'"),
-                                            ('probe', "got 'probe'"),
-                                            ('stages:4', 'frozen')])
+@pytest.mark.parametrize('preset,message', [
+    ('stages:x', "got 'stages:x'"), ('probe', "got 'probe'"),
+    ('stages:4', r"freeze.preset='stages:4' must freeze 0 to 3 stages")])
 def test_bad_presets_are_named(preset, message):
   with pytest.raises(FreezeError, match=message):
     train.resolve_config(_preset_config(preset))
