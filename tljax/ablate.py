@@ -112,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parallel.enable_compilation_cache()
     rows = run_sweep(sweep, args.workdir)
   except UserError as e:
-    print(f'error: {e}', file=sys.stderr)
+    print('error: ' + ' '.join(str(e).splitlines()), file=sys.stderr)  # one line, always
     sys.exit(2)
   except Preempted as e:  # the rerun skips finished variants and resumes this one
     print(str(e), file=sys.stderr)

@@ -135,7 +135,8 @@ def _config_file_error(path: str, error: BaseException) -> ConfigError:
     if os.path.abspath(frame.filename) == os.path.abspath(path):
       line = frame.lineno
   where = f'{path}:{line}' if line else path
-  return ConfigError(f'config file {where} raised {type(error).__name__}: {error}')
+  reason = ' '.join(str(error).split())[:300]
+  return ConfigError(f'config file {where} raised {type(error).__name__}: {reason}')
 
 
 def load_config_file(spec: str, expect: type | tuple[type, ...] | None = None) -> Any:

@@ -457,7 +457,7 @@ def main(argv: list[str]) -> None:
                                       _PROCESS_ID.value)
     run(config, _WORKDIR.value, fresh=_FRESH.value)
   except UserError as e:
-    print(f'error: {e}', file=sys.stderr)
+    print('error: ' + ' '.join(str(e).splitlines()), file=sys.stderr)  # one line, always
     sys.exit(2)
   except Preempted as e:
     print(str(e), file=sys.stderr)

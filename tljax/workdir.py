@@ -122,7 +122,7 @@ def move_aside(workdir: str) -> str | None:
   """Moves an earlier run's files into `<workdir>/replaced-<time>/` (nothing is deleted);
   returns that folder, or None when there was nothing to move."""
   names = [n for n in os.listdir(workdir)
-           if n in RUN_FILES or n.startswith('events.out.tfevents')]
+           if n in RUN_FILES or n.startswith(('events.out.tfevents', 'results-step'))]
   if not names:
     return None
   target = base = os.path.join(workdir, time.strftime('replaced-%Y%m%d-%H%M%S'))
@@ -146,7 +146,7 @@ def _holder(path: str) -> str:
     except OSError:
       text = ''
     if text or time.monotonic() > deadline:
-      return text or 'another run'
+      return ' '.join(text.split()) or 'another run'  # one line, whatever the command held
     time.sleep(0.01)
 
 
@@ -273,6 +273,10 @@ def keep_earlier_results(workdir: str) -> str | None:
   results = read_results(workdir)
   if results is None:
     return None
-  target = os.path.join(workdir, f'results-step{results["final_step"]}.json')
-  os.replace(os.path.join(workdir, RESULTS_FILE), target)
-  return target
+  target = base = os.path.join(workdir, f'results-step{results["final_step"]}')
+  count = 1
+  while os.path.lexists(f'{target}.json'):  # the same step finished twice: keep both
+    count += 1
+    target = f'{base}-{count}'
+  os.replace(os.path.join(workdir, RESULTS_FILE), f'{target}.json')
+  return f'{target}.json'
