@@ -101,7 +101,7 @@ def _quiet_orbax() -> Iterator[None]:
   logger = logging.getLogger('absl')
   level = logger.level
   logger.setLevel(logging.CRITICAL)
-  _drop_closed_loop_errors()
+  _drop_orbax_noise()
   try:
     yield
   finally:
@@ -125,7 +125,7 @@ class _ReaderNoise(logging.Filter):
     return not (error is not None and _from_the_reader(error))
 
 
-def _drop_closed_loop_errors() -> None:
+def _drop_orbax_noise() -> None:
   """After a read of a damaged checkpoint (or a write to a full disk) failed, its other pending
   reads or writes fail too, in threads and coroutines nobody waits for; their reports are noise
   once the failure is named in one line."""
@@ -246,6 +246,9 @@ class Checkpointer:
     # cleanup_tmp_directories does it in a background thread that can overlap the data
     # pipeline's start, where tfds.testing.mock_data redirects every file path process-wide.)
     self._remove_partial()
+    # A write that fails (a full disk) fails in orbax's threads first, whose reports would
+    # print before the one error line `save` and `wait` raise: only that line is shown.
+    _drop_orbax_noise()
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
     self.pending_step: int | None = None  # the save that may still be writing
@@ -282,7 +285,7 @@ class Checkpointer:
       write()
     except Exception as e:  # noqa: BLE001 (OSError, or tensorstore's ValueError naming errno)
       failed, self.failed = self.pending_step, True
-      _drop_closed_loop_errors()  # the writer threads' own reports of this failure
+      _drop_orbax_noise()  # the writer threads' own reports of this failure
       try:
         self.manager.close()  # joins the writer threads
       except Exception:  # noqa: BLE001, S110 (they failed already; the error below says so)

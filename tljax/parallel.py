@@ -58,6 +58,8 @@ def initialize_distributed(coordinator_address: str | None = None,
     except BaseException as e:  # noqa: BLE001 (handed to the main thread)
       outcome['error'] = e
 
+  print(f'joining the jax.distributed job ({flags}): waiting for every process (JAX gives up '
+        'after 300 s); SIGTERM or Ctrl-C stops the wait', flush=True)
   thread = threading.Thread(target=join, name='tljax-distributed-join', daemon=True)
   thread.start()
   while thread.is_alive():
