@@ -93,14 +93,19 @@ def saved_config(workdir: str) -> dict[str, Any] | None:
   if not os.path.isfile(path):
     return None
   try:
-    with open(path, encoding='utf-8') as f:
-      saved = json.load(f)
-    if not isinstance(saved, dict):
-      raise ValueError(f'a JSON {type(saved).__name__}, not an object')
+    return _read_json_object(path)
   except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
     raise WorkdirError(f'{path}: cannot read the config of the earlier run in {workdir} '
                        f'({e}); pass --fresh to start over') from None
-  return saved
+
+
+def _read_json_object(path: str) -> dict[str, Any]:
+  """The JSON object in `path`; ValueError if it holds anything else."""
+  with open(path, encoding='utf-8') as f:
+    value = json.load(f)
+  if not isinstance(value, dict):
+    raise ValueError(f'a JSON {type(value).__name__}, not an object')
+  return value
 
 
 def check_resumable(workdir: str, config_json: str, defaults_json: str) -> None:
@@ -255,10 +260,8 @@ def read_results(workdir: str) -> dict[str, Any] | None:
   if not os.path.exists(path):
     return None
   try:
-    with open(path, encoding='utf-8') as f:
-      results = json.load(f)
-    if (not isinstance(results, dict) or type(results.get('final_step')) is not int
-        or results['final_step'] < 1):
+    results = _read_json_object(path)
+    if type(results.get('final_step')) is not int or results['final_step'] < 1:
       raise ValueError('no final_step of at least 1')
   except (OSError, UnicodeDecodeError, ValueError) as e:
     raise WorkdirError(f'{path} is damaged ({type(e).__name__}: {str(e)[:80]}); move it away '
