@@ -3,7 +3,7 @@
 # devices: what the hosts of a TPU VM slice do, on one machine.
 #   launch/multiprocess.sh N CONFIG[:ARG] WORKDIR [--config.a.b=v ...]
 # Environment: DEVICES_PER_PROCESS (default 4, a TPU v4/v5 host's chips), PORT (the
-# coordinator's; default random), PYTHON. Process i logs to WORKDIR/process_i.log; the exit
+# coordinator's; default random), PYTHON. Process i appends to WORKDIR/process_i.log; the exit
 # status is that of the lowest-numbered process that failed (75: preempted; rerun to resume).
 set -euo pipefail
 if [ "$#" -lt 3 ]; then
@@ -25,6 +25,10 @@ for pair in "N:$num" "DEVICES_PER_PROCESS:$devices" "PORT:$port"; do
     exit 2
   fi
 done
+if [ -e "$workdir" ] && [ ! -d "$workdir" ]; then
+  echo "error: WORKDIR '$workdir' exists and is not a directory; use another" >&2
+  exit 2
+fi
 mkdir -p "$workdir"
 pids=()
 # SIGTERM or Ctrl-C to the launcher goes to every process, which save together and exit 75.
@@ -34,10 +38,11 @@ forward() {
 }
 trap 'forward TERM' TERM
 trap 'forward INT' INT
-for ((i = 0; i < num; i++)); do
+for ((i = 0; i < num; i++)); do  # logs are appended: a rerun keeps the earlier run's
+  echo "=== $(date '+%Y-%m-%d %H:%M:%S') process $i of $num: $config $*" >>"$workdir/process_$i.log"
   JAX_PLATFORMS=cpu "$python" -m tljax.train --config="$config" --workdir="$workdir" \
     --coordinator_address="127.0.0.1:$port" --num_processes="$num" --process_id="$i" \
-    --cpu_devices="$devices" "$@" >"$workdir/process_$i.log" 2>&1 &
+    --cpu_devices="$devices" "$@" >>"$workdir/process_$i.log" 2>&1 &
   pids+=("$!")
 done
 status=0
@@ -50,4 +55,13 @@ for pid in "${pids[@]}"; do
   done
   if [ "$status" = 0 ]; then status=$code; fi
 done
+if [ "$status" != 0 ] && [ "$status" != 75 ]; then  # say why here, not only in the logs
+  for ((i = 0; i < num; i++)); do
+    line=$(tail -n 200 "$workdir/process_$i.log" | grep -m1 '^error:' || true)
+    if [ -n "$line" ]; then
+      echo "$line (process $i; all of it in $workdir/process_$i.log)" >&2
+      break
+    fi
+  done
+fi
 exit "$status"

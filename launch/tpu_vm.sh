@@ -140,16 +140,31 @@ start() {
 $(quote -m tljax.train "$@" --distributed) >~/tljax-logs/$name.log 2>&1 </dev/null &"
 }
 
-run() {
-  if [ "$#" -lt 2 ]; then usage; fi
+check_run_args() {  # CONFIG WORKDIR [--config.KEY=VALUE | --fresh ...], before anything runs
+  if [ "$#" -lt 2 ]; then
+    echo "error: $command needs CONFIG and WORKDIR (got ${#} argument(s)): $0 $command" \
+      "CONFIG[:ARG] WORKDIR [--config.KEY=VALUE ...]" >&2
+    exit 2
+  fi
   local arg
   for arg in "${@:3}"; do  # only what tljax.train takes; an option of this script is refused
     if [[ $arg != --config.* && $arg != --fresh ]]; then
-      echo "error: '$arg' after 'run CONFIG WORKDIR' is not a --config.KEY=VALUE override or" \
-        "--fresh; options of this script (--dry-run, --name, ...) go before the command" >&2
+      echo "error: '$arg' after '$command CONFIG WORKDIR' is not a --config.KEY=VALUE override" \
+        "or --fresh; options of this script (--dry-run, --name, ...) go before the command" >&2
       exit 2
     fi
   done
+}
+
+no_args() {  # a command that takes no arguments refuses any (e.g. a --dry-run put after it)
+  if [ "$#" -gt 0 ]; then
+    echo "error: '$command' takes no arguments, got: $*; options of this script" \
+      "(--dry-run, --name, ...) go before the command" >&2
+    exit 2
+  fi
+}
+
+run() {
   start "--config=$1" "--workdir=$2" "${@:3}"
 }
 
@@ -233,13 +248,19 @@ if [ "$#" -lt 1 ]; then usage; fi
 command=$1
 shift
 case $command in
-  create) create ;;
-  setup) setup ;;
-  run) run "$@" ;;
+  create) no_args "$@"; create ;;
+  setup) no_args "$@"; setup ;;
+  run) check_run_args "$@"; run "$@" ;;
   run-line) if [ "$#" != 1 ]; then usage; fi; run_line "$1" ;;
-  logs) logs "$@" ;;
-  delete) delete ;;
-  up) create; setup; run "$@" ;;
+  logs)
+    if [ "$#" -gt 1 ] || { [ "$#" = 1 ] && [ "$1" != --follow ]; }; then
+      echo "error: 'logs' takes only --follow, got: $*; options of this script (--dry-run," \
+        "--name, ...) go before the command" >&2
+      exit 2
+    fi
+    logs "$@" ;;
+  delete) no_args "$@"; delete ;;
+  up) check_run_args "$@"; create; setup; run "$@" ;;
   sweep) sweep "$@" ;;
   *) echo "error: unknown command $command" >&2; usage ;;
 esac

@@ -353,6 +353,12 @@ NONSENSE = [
     ('init.dont_load', ('[unclosed',), "init.dont_load[0]='[unclosed' is not a regex"),
     ('optim.groups', [('stem/.*', {'lr_mult': -1.0}), ('.*', {})],
      "optim.groups[0] ('stem/.*'): lr_mult=-1.0 must be a number >= 0"),
+    ('data.std', (float('inf'), 1.0, 1.0), 'data.std=(inf, 1.0, 1.0) must be finite numbers'),
+    ('data.mean', (0.5, float('nan'), 0.5), 'data.mean=(0.5, nan, 0.5) must be finite'),
+    ('optim.schedule.warmup_steps', 10**6,
+     'optim.schedule.warmup_steps=1000000 is not below the run\'s 6 steps'),
+    ('data.source', 'tfds', "data.source='tfds' needs data.name"),
+    ('data.classes', (0, 7, 1), "class(es) ['7'] have no examples in split 'train'"),
 ]
 
 
@@ -429,3 +435,40 @@ def test_a_damaged_workdir_file_is_named_and_left_as_it_is(earlier_run, tmp_path
     train.run(config, str(run_dir))
   assert message in str(raised.value) and str(run_dir) in str(raised.value)
   assert snapshot(run_dir) == before
+
+
+def test_config_files_with_odd_values_are_one_error_or_read_as_meant():
+  """A section given as None or a scalar, a value of the wrong type, NumPy scalars, and a
+  section set by a dict (only the keys it names change)."""
+  import ml_collections
+
+  from tljax import config as config_lib
+  with pytest.raises(config_lib.ConfigError, match="config key 'model' must be a section"):
+    config_lib.resolve(ml_collections.ConfigDict({'model': None}))
+  with pytest.raises(config_lib.ConfigError,
+                     match="config key total_steps='six' must be of type int"):
+    config_lib.resolve(small_config(**{'total_steps': 100}).copy_and_resolve_references()
+                       .to_dict() | {'total_steps': 'six'})
+  config = small_config().to_dict()
+  config['optim']['lr'], config['seed'] = np.float32(0.5), np.int64(3)
+  resolved = config_lib.resolve(ml_collections.ConfigDict(config))
+  assert resolved.optim.lr == 0.5 and type(resolved.seed) is int
+  config_lib.set_override(resolved, 'optim', {'name': 'adam'})
+  assert resolved.optim.name == 'adam' and resolved.optim.lr == 0.5
+  assert resolved.optim.groups[0][0] == 'stem/.*'  # the file's frozen stem kept
+  with pytest.raises(config_lib.ConfigError, match="unknown config key 'optim.lrr'"):
+    config_lib.set_override(resolved, 'optim', {'lrr': 1.0})
+
+
+def test_hidden_folders_are_not_splits_or_classes_and_a_file_is_not_a_folder(tmp_path):
+  from PIL import Image
+
+  from tljax.data import sources
+  for split in ('train', 'test', '__MACOSX/train', '.git'):
+    for name in ('a', 'b', '.ipynb_checkpoints'):
+      (tmp_path / split / name).mkdir(parents=True)
+      Image.new('RGB', (4, 4)).save(tmp_path / split / name / '0.png')
+  assert sources.FolderSource(str(tmp_path)).class_names == ['a', 'b']
+  (tmp_path / 'file').write_text('x')
+  with pytest.raises(sources.DataError, match="'.*file' \\(data.path\\) is not a directory"):
+    sources.FolderSource(str(tmp_path / 'file'))

@@ -186,8 +186,9 @@ def test_sigkill_at_random_moments_loses_nothing(run_args, uninterrupted, tmp_pa
 
 @pytest.mark.parametrize('signals,resume', [
     (('SIGTERM',), True), (('SIGINT',), False), (('SIGTERM', 'SIGTERM'), False),
-    (('SIGTERM', 'SIGINT'), False)],
-    ids=['SIGTERM', 'Ctrl-C', 'SIGTERM twice 300 ms apart', 'SIGTERM then one Ctrl-C'])
+    (('SIGTERM', 'SIGINT'), False), (('SIGHUP',), False), (('SIGUSR1',), False)],
+    ids=['SIGTERM', 'Ctrl-C', 'SIGTERM twice 300 ms apart', 'SIGTERM then one Ctrl-C',
+         'SIGHUP (terminal closed)', 'SIGUSR1 (SLURM --signal)'])
 def test_a_stop_request_saves_exits_75_and_the_same_command_resumes(run_args, uninterrupted,
                                                                     tmp_path, signals, resume):
   workdir = tmp_path / 'preempted'

@@ -239,3 +239,39 @@ def test_multiprocess_refuses_counts_and_ports_that_are_not_numbers(tmp_path, ar
                           env={**os.environ, **env}, timeout=60)
   assert result.returncode == 2 and result.stderr.startswith(f'error: {message}')
   assert not (tmp_path / 'w').exists()
+
+
+@pytest.mark.parametrize('args,message', [
+    (['create', '--dry-run'], "'create' takes no arguments, got: --dry-run"),
+    (['delete', '--dry-run'], "'delete' takes no arguments, got: --dry-run"),
+    (['logs', '--dry-run'], "'logs' takes only --follow, got: --dry-run"),
+    (['up', 'c.py', '/tmp/w', '--dry-run'], "'--dry-run' after 'up CONFIG WORKDIR' is not a"),
+    (['run', 'c.py'], 'run needs CONFIG and WORKDIR (got 1 argument(s))'),
+])
+def test_tpu_vm_refuses_an_option_after_the_command_before_calling_gcloud(tmp_path, args,
+                                                                            message):
+  bin_dir = tmp_path / 'bin'
+  bin_dir.mkdir()
+  _fake(bin_dir, 'gcloud', """
+      import os
+      open(os.environ['GCLOUD_CALLS'], 'a').write('called\\n')
+      """)
+  calls = tmp_path / 'calls'
+  result = _tpu_vm(args, tmp_path, env={'PATH': f'{bin_dir}:{os.environ["PATH"]}',
+                                        'GCLOUD_CALLS': str(calls)})
+  assert result.returncode == 2 and not calls.exists()
+  [line] = result.stderr.strip().splitlines()
+  assert line.startswith(f'error: {message}'), line
+
+
+def test_multiprocess_says_why_its_processes_failed_and_keeps_earlier_logs(tmp_path):
+  workdir = tmp_path / 'w'
+  workdir.mkdir()
+  (workdir / 'process_0.log').write_text('the earlier run\n')
+  result = subprocess.run(['bash', f'{REPO}/launch/multiprocess.sh', '2',
+                           f'{REPO}/configs/tests/arrays.py', str(workdir),
+                           '--config.optim.lr=-1'], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, 'DEVICES_PER_PROCESS': '1'})
+  assert result.returncode == 2
+  assert result.stderr.startswith('error: optim.lr=-1.0 must be a number >= 0 (process 0')
+  assert (workdir / 'process_0.log').read_text().startswith('the earlier run\n')

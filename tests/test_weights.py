@@ -196,3 +196,32 @@ def test_downloads_are_cached_by_the_whole_url_and_a_failed_one_is_one_error(tmp
 def test_a_vit_refuses_images_that_are_not_whole_patches():
   with pytest.raises(UserError, match=r'images of 8x8 are not whole 16x16 patches'):
     tljax.create('vit_b16', num_classes=2, image_size=8)
+
+
+def test_weights_that_are_integers_or_not_finite_are_named_not_loaded():
+  model, fresh = tljax.create('small_cnn', num_classes=3, image_size=16)
+  flat = {k: np.asarray(v) for k, v in flat_paths(fresh).items()}
+  flat['params/head/kernel'] = flat['params/head/kernel'].astype(np.int64)
+  bias = flat['params/head/bias'].copy()
+  bias[1] = np.nan
+  flat['params/head/bias'] = bias
+  with pytest.raises(WeightsError) as error:
+    load.merge(fresh, flat)
+  message = str(error.value)
+  assert 'params/head/kernel: checkpoint int64 for a float32 variable' in message
+  assert 'params/head/bias: checkpoint holds 1 NaN/Inf values' in message
+
+
+def test_a_legitimately_expanded_torch_tensor_reads_and_odd_dtypes_are_named(tmp_path):
+  import torch
+  expanded = torch.arange(3, dtype=torch.float32).expand(4, 3)  # stride 0: 3 stored, 12 held
+  torch.save({'w': expanded}, tmp_path / 'expanded.pth')
+  read_back = read.read_file(str(tmp_path / 'expanded.pth'))['w']
+  np.testing.assert_array_equal(read_back, np.tile(np.arange(3, dtype=np.float32), (4, 1)))
+  torch.save({'w': torch.zeros(2, dtype=torch.uint16)}, tmp_path / 'uint16.pth')
+  with pytest.raises(WeightsError, match='holds tensors of a dtype tljax does not read'):
+    read.read_file(str(tmp_path / 'uint16.pth'))
+  from safetensors.numpy import save_file
+  save_file({}, str(tmp_path / 'empty.safetensors'))
+  with pytest.raises(WeightsError, match='empty.safetensors: holds no tensors'):
+    read.read_file(str(tmp_path / 'empty.safetensors'))

@@ -16,6 +16,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import ml_collections
+
 from tljax import config as config_lib
 from tljax import preemption, report
 from tljax import workdir as workdir_lib
@@ -32,12 +34,9 @@ def _finished(workdir: str) -> bool:
 def run_sweep(sweep: Sweep, sweep_dir: str) -> list[dict[str, Any]]:
   """Runs every unfinished variant in this process, then writes the results files. Every
   variant's config is checked before the first one runs."""
-  import ml_collections
-
   from tljax import train  # the only importer of train.py; keeps --print-commands light
 
-  if os.path.exists(sweep_dir) and not os.path.isdir(sweep_dir):
-    raise UserError(f'--workdir {sweep_dir!r} is a file, not a directory for the sweep')
+  workdir_lib.check_directory(sweep_dir)
   base = config_lib.load_config_file(sweep.base, ml_collections.ConfigDict)
   variants = expand(sweep, sweep_dir)
   configs = []
@@ -104,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   try:
     sweep = load_sweep(args.config)
     if args.print_commands:
-      base = config_lib.load_config_file(sweep.base)
+      base = config_lib.load_config_file(sweep.base, ml_collections.ConfigDict)
       for variant in expand(sweep, args.workdir):
         print(command(sweep, variant, args.workdir, base))
       return

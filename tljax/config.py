@@ -101,6 +101,11 @@ def _check(user: Any, defaults: Any, prefix: str) -> None:
 def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The defaults updated with `config`; unknown keys raise ConfigError naming them."""
   defaults = base_config()
+  for section in ('model', 'init', 'data', 'optim', 'freeze', 'sharding'):
+    value = config.get(section) if hasattr(config, 'get') else None
+    if section in config and not isinstance(value, (dict, ml_collections.ConfigDict)):
+      raise ConfigError(f'config key {section!r} must be a section (a dict of keys), got '
+                        f'{value!r:.80}')
   _check(config, defaults, '')
   merged = defaults
   with merged.unlocked():
@@ -118,14 +123,23 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return merged
 
 
-def _merge(target: ml_collections.ConfigDict, source: Any) -> None:
+def _merge(target: ml_collections.ConfigDict, source: Any, prefix: str = '') -> None:
+  """`source`'s keys set on `target`, sections merged key by key (a section given as a dict
+  changes only the keys it names); NumPy scalars become Python numbers."""
   for key in source:
     value = source[key]
+    if isinstance(value, np.generic):
+      value = value.item()
     if (isinstance(value, (dict, ml_collections.ConfigDict)) and key in target
         and isinstance(target[key], ml_collections.ConfigDict)):
-      _merge(target[key], value)
-    else:
+      _merge(target[key], value, f'{prefix}{key}.')
+      continue
+    try:
       target[key] = value
+    except (TypeError, ValueError) as e:
+      expected = type(target[key]).__name__ if key in target else 'another type'
+      raise ConfigError(f'config key {prefix}{key}={value!r:.80} must be of type {expected} '
+                        f'({" ".join(str(e).split())[:120]})') from None
 
 
 def _config_file_error(path: str, error: BaseException) -> ConfigError:
@@ -145,6 +159,8 @@ def load_config_file(spec: str, expect: type | tuple[type, ...] | None = None) -
   naming the file."""
   path, _, arg = spec.partition('.py:')
   path = path if path.endswith('.py') else f'{path}.py'
+  if os.path.exists(path) and not os.path.isfile(path):
+    raise ConfigError(f'config file {path!r} is not a regular file (--config={spec})')
   if not os.path.isfile(path):
     raise ConfigError(f'config file {path!r} not found (--config={spec})')
   module_spec = importlib.util.spec_from_file_location(
@@ -225,6 +241,12 @@ def set_override(config: ml_collections.ConfigDict, key: str, value: Any) -> Non
   if leaf not in node and parents[:1] != ['model']:
     raise ConfigError(f'unknown config key {key!r} in override; known keys here: '
                       f'{", ".join(sorted(node))}')
+  if isinstance(value, dict) and isinstance(node.get(leaf), ml_collections.ConfigDict):
+    for name, item in value.items():  # a section: only the keys given change
+      if not (isinstance(name, str) and name.isidentifier()):
+        raise ConfigError(f'override {key}: {name!r} is not a key name')
+      set_override(config, f'{key}.{name}', item)
+    return
   try:
     with node.unlocked():
       node[leaf] = value
@@ -330,8 +352,14 @@ def check_values(config: ml_collections.ConfigDict) -> None:
     if value is not None and len(value) != data.channels:
       raise ConfigError(f'data.{key}={tuple(value)} has {len(value)} value(s) but '
                         f'data.channels={data.channels}')
+  for key in ('mean', 'std'):
+    if data[key] is not None and not all(math.isfinite(v) for v in data[key]):
+      raise ConfigError(f'data.{key}={tuple(data[key])} must be finite numbers')
   if data.std is not None and not all(v > 0 for v in data.std):
     raise ConfigError(f'data.std={tuple(data.std)} must be positive')
+  if data.source == 'tfds' and not (isinstance(data.name, str) and data.name.strip()):
+    raise ConfigError("data.source='tfds' needs data.name, a TFDS dataset name (e.g. "
+                      "'cifar10'); or set data.source to 'folder', 'npz', 'idx' or 'elpv'")
   boundaries = tuple(config.optim.schedule.boundaries)
   if not all(_is_number(b) and 0 < b < 1 for b in boundaries) or list(boundaries) != sorted(
       boundaries):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import zipfile
+from collections.abc import Callable
 
 import numpy as np
 
@@ -51,9 +52,11 @@ def _member_array(archive: zipfile.ZipFile, info: zipfile.ZipInfo, where: str) -
   return array != 0 if dtype == np.bool_ else array
 
 
-def read(path: str, error: type[UserError], name: str) -> dict[str, np.ndarray]:
-  """Every member of the archive at `path` as `{name without .npy: array}`. Errors are
-  `error` (a UserError subclass), their message starting with `name` (the file and its key)."""
+def read(path: str, error: type[UserError], name: str,
+         wanted: Callable[[str], bool] | None = None) -> dict[str, np.ndarray]:
+  """Every member of the archive at `path` as `{name without .npy: array}` (only those whose
+  name `wanted` accepts, the others never read). Errors are `error` (a UserError subclass),
+  their message starting with `name` (the file and its key)."""
   if not os.path.isfile(path):
     raise error(f'{name}: {"not a regular file" if os.path.exists(path) else "no such file"}')
   try:
@@ -63,6 +66,8 @@ def read(path: str, error: type[UserError], name: str) -> dict[str, np.ndarray]:
         if info.is_dir():
           continue
         where = f'member {info.filename!r}'
+        if wanted is not None and not wanted(info.filename.removesuffix('.npy')):
+          continue
         if not info.filename.endswith('.npy'):
           raise ValueError(f'{where} is not an .npy array')
         arrays[info.filename[:-len('.npy')]] = _member_array(archive, info, where)

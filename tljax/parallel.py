@@ -150,10 +150,14 @@ def _repair_on_read_errors(directory: str) -> None:
   warnings.showwarning = showwarning
 
 
+MAX_CPU_DEVICES = 512
+
+
 def set_cpu_device_count(count: int) -> None:
   """Simulates `count` CPU devices; must run before the backend starts."""
-  if count < 1:
-    raise UserError(f'--cpu_devices={count} must be at least 1')
+  if not 1 <= count <= MAX_CPU_DEVICES:
+    raise UserError(f'--cpu_devices={count} must be between 1 and {MAX_CPU_DEVICES} (simulated '
+                    'devices share this machine\'s cores and memory)')
   jax.config.update('jax_num_cpu_devices', count)
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 

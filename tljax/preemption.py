@@ -24,6 +24,10 @@ from typing import Any
 from tljax.errors import Preempted
 
 ABORT_EXIT_CODE = 130  # 128 + SIGINT, what shells report for Ctrl-C
+# Asking a run to stop: SIGTERM (TPU VMs, SLURM, docker stop), SIGINT (Ctrl-C), SIGHUP (the
+# terminal closed) and SIGUSR1/SIGUSR2 (SLURM's --signal before a time limit, by convention).
+# Their default action would kill the process mid-step, or mid-save.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 _early_requests: list[str] = []  # signals recorded by the start-up handlers
 _cli = False  # set by install_early: a second Ctrl-C ends the process instead of raising
 
@@ -47,19 +51,19 @@ def _early_handler(signum: int, frame: FrameType | None) -> None:
 
 
 def install_early() -> None:
-  """Records SIGTERM and SIGINT from now on (CLI start-up); `StopRequests` takes them over."""
+  """Records the stop signals from now on (CLI start-up); `StopRequests` takes them over."""
   global _cli
   _cli = True
   if _is_main_thread():
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in STOP_SIGNALS:
       signal.signal(signum, _early_handler)
 
 
 def ignore_from_now() -> None:
-  """Ignores SIGTERM and SIGINT while the process exits: Python restores their default actions
+  """Ignores the stop signals while the process exits: Python restores their default actions
   during shutdown, which would turn a late signal into death by signal after a clean finish."""
   if _is_main_thread():
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in STOP_SIGNALS:
       signal.signal(signum, signal.SIG_IGN)
 
 
@@ -80,7 +84,7 @@ class StopRequests:
 
   def __enter__(self) -> StopRequests:
     if _is_main_thread():
-      signals = [signal.SIGINT] + ([] if self.distributed else [signal.SIGTERM])
+      signals = [s for s in STOP_SIGNALS if s != signal.SIGTERM or not self.distributed]
       for signum in signals:
         self._previous[signum] = signal.signal(signum, self._handle)
     return self
@@ -99,7 +103,7 @@ class StopRequests:
           _abort(name)
         raise KeyboardInterrupt(f'{name} again')  # in a notebook: stop, keep the kernel
     self.requested = self.requested or name
-    if self.distributed and signum == signal.SIGINT:
+    if self.distributed and signum != signal.SIGTERM:
       os.kill(os.getpid(), signal.SIGTERM)  # to JAX's preemption service
 
   def check(self, where: str) -> None:

@@ -11,6 +11,7 @@ import itertools
 import os
 import re
 import shlex
+import string
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -72,6 +73,10 @@ def _substitute(value: Any, substitutions: Mapping[str, Any], variant: str, key:
   if not isinstance(value, str) or '{' not in value:
     return value
   try:
+    fields = [field for _, field, _, _ in string.Formatter().parse(value) if field is not None]
+    bad = [field for field in fields if not field.isidentifier()]  # no .attr, [index], !r
+    if bad:
+      raise ValueError(f'{{{bad[0]}}}: only plain {{name}} fields are filled in')
     return value.format(**substitutions)
   except (KeyError, IndexError, ValueError) as e:
     raise UserError(f'sweep variant {variant!r}: {key}={value!r} names {e} but only '

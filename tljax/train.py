@@ -253,6 +253,11 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   source = source or sources.make_source(config.data)
   train_examples = pipeline.check_splits(source, config.data, config.model.num_classes)
   total_steps = config_lib.total_steps(config, train_examples)
+  warmup = config.optim.schedule.warmup_steps
+  if warmup >= total_steps:
+    raise config_lib.ConfigError(
+        f'optim.schedule.warmup_steps={warmup} is not below the run\'s {total_steps} steps, so '
+        'the learning rate would never reach optim.lr; lower the warmup')
   model, params, batch_stats, groups, labels = create_train_state(config)
   groupings = grouping_tables(config)
   if config.data.cache_features:

@@ -44,27 +44,40 @@ class WorkdirError(UserError):
   """A workdir that cannot be written, or holds checkpoints of another config."""
 
 
-def check_writable(workdir: str) -> None:
-  """Creates `workdir` if needed and proves a file can be written in it (and in checkpoints/)."""
+def check_directory(workdir: str) -> None:
+  """Refuses a --workdir that exists but is not a directory (a file, a link to one, or a
+  dangling link), naming what it is."""
   if os.path.lexists(workdir) and not os.path.isdir(workdir):
     kind = ('a dangling symbolic link' if not os.path.exists(workdir) else
             'a link to a file' if os.path.islink(workdir) else 'a file')
     raise WorkdirError(f'workdir {workdir!r} is {kind}, not a directory; use another --workdir')
+
+
+def check_writable(workdir: str) -> None:
+  """Creates `workdir` if needed and proves a file can be written in it (and in checkpoints/)."""
+  check_directory(workdir)
   try:
     os.makedirs(workdir, exist_ok=True)
-    for directory in (workdir, os.path.join(workdir, 'checkpoints')):
+  except OSError as e:
+    raise WorkdirError(f'workdir {workdir!r} cannot be created: {e.strerror or e}') from None
+  for directory in (workdir, os.path.join(workdir, 'checkpoints')):
+    try:
       if os.path.isdir(directory):
         with tempfile.TemporaryFile(dir=directory):
           pass
-  except OSError as e:
-    raise WorkdirError(f'workdir {workdir!r} is not writable: {e.strerror or e}') from None
+    except OSError as e:
+      what = 'workdir' if directory == workdir else 'checkpoint directory'
+      raise WorkdirError(f'{what} {directory!r} is not writable: {e.strerror or e}') from None
 
 
 def write_json(path: str, value: Any) -> None:
   """Writes to a temporary file and renames it, so a killed process never leaves half a file."""
   tmp = f'{path}.tmp'
   try:
-    with open(tmp, 'w') as f:
+    if os.path.lexists(tmp):  # left by a killed run, or planted: never written through
+      os.unlink(tmp)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, 'w') as f:
       f.write(value if isinstance(value, str) else json.dumps(value, indent=2))
     os.replace(tmp, path)
   except OSError as e:  # a full disk or quota: the earlier file, if any, is still whole
@@ -160,7 +173,9 @@ def _try_lock(workdir: str) -> int | None:
   it. A lock file removed by its holder between our open and our lock is opened again."""
   path = os.path.join(workdir, LOCK_FILE)
   while True:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    if os.path.islink(path) or (os.path.lexists(path) and not os.path.isfile(path)):
+      raise _kind_error(path, 'regular file (a tljax lock file is never a link)')
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)  # never write through
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -222,6 +237,8 @@ def check_run_files(workdir: str) -> None:
     path = os.path.join(workdir, name)
     if not os.path.lexists(path):
       continue
+    if os.path.islink(path):  # a run writes and appends here: never through a link
+      raise _kind_error(path, f'{kind} but a symbolic link')
     try:
       mode = os.stat(path).st_mode
     except OSError as e:

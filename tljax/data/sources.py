@@ -123,6 +123,11 @@ def _listdir(directory: str) -> list[str]:
     raise DataError(f'cannot list the image folder {directory}: {e.strerror or e}') from None
 
 
+def _hidden(name: str) -> bool:
+  """Folders no dataset means: hidden ones (.git, .ipynb_checkpoints) and macOS's __MACOSX."""
+  return name.startswith('.') or name == '__MACOSX'
+
+
 class FolderSource(Source):
   """`root/<split>/<class name>/*.png|jpg`, the tfds ImageFolder layout; classes sorted by name.
 
@@ -135,12 +140,14 @@ class FolderSource(Source):
   def __init__(self, root: str, skip_corrupt: bool = False,
                max_pixels: int = DEFAULT_MAX_PIXELS):
     if not os.path.isdir(root):
-      raise DataError(f'image folder {root!r} (data.path) does not exist')
+      state = 'is not a directory' if os.path.exists(root) else 'does not exist'
+      raise DataError(f'image folder {root!r} (data.path) {state}')
     self.root, self.skip_corrupt, self.max_pixels = root, skip_corrupt, max_pixels
     self.skipped: dict[str, list[str]] = {}
-    splits = [d for d in sorted(_listdir(root)) if os.path.isdir(os.path.join(root, d))]
+    splits = [d for d in sorted(_listdir(root)) if os.path.isdir(os.path.join(root, d))
+              and not _hidden(d)]
     names = sorted({c for s in splits for c in _listdir(os.path.join(root, s))
-                    if os.path.isdir(os.path.join(root, s, c))})
+                    if os.path.isdir(os.path.join(root, s, c)) and not _hidden(c)})
     if not names:
       raise DataError(f'image folder {root!r} has no <split>/<class>/ subfolders')
     self.class_names = names
@@ -214,7 +221,8 @@ class ArraySource(Source):
   @classmethod
   def from_npz(cls, path: str) -> ArraySource:
     """Reads `<split>_images` / `<split>_labels` arrays; anything but plain arrays is refused."""
-    arrays = npz.read(path, DataError, f'npz file {path!r} (data.path)')
+    arrays = npz.read(path, DataError, f'npz file {path!r} (data.path)',
+                      wanted=lambda name: name.endswith(('_images', '_labels')))
     names = {k.rsplit('_', 1)[0] for k in arrays if k.endswith(('_images', '_labels'))}
     missing = [f'{n}_{kind}' for n in sorted(names) for kind in ('images', 'labels')
                if f'{n}_{kind}' not in arrays]
@@ -299,7 +307,14 @@ class ClassSubset(Source):
 
   def __init__(self, source: Source, classes: Sequence[int]):
     self.source, self.classes = source, [int(c) for c in classes]
+    outside = [c for c in self.classes if source.num_classes and c >= source.num_classes]
+    if outside:
+      raise DataError(f'data.classes={tuple(self.classes)} names class id(s) {outside} but the '
+                      f'dataset has classes 0..{source.num_classes - 1}')
     self.num_classes = len(self.classes)
+    names = getattr(source, 'class_names', None)  # else the ids the config named them by
+    self.class_names = ([names[c] for c in self.classes] if names
+                        else [str(c) for c in self.classes])
     self.labels_in_memory = source.labels_in_memory
     self.check_channels = source.check_channels
     self.decode = source.decode
@@ -434,7 +449,9 @@ class ElpvSource(Source):
     return self.all_labels[self._indices(split)]
 
   def decode(self, image: tf.Tensor, channels: int) -> tf.Tensor:
-    return tf.io.decode_png(tf.io.read_file(image), channels=channels)
+    # Any format the up-front check accepts (a cell saved as BMP or JPEG, not only PNG).
+    return tf.io.decode_image(tf.io.read_file(image), channels=channels,
+                              expand_animations=False)
 
 
 def make_source(config: Mapping[str, Any]) -> Source:

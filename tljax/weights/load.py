@@ -52,6 +52,8 @@ def merge(fresh: Mapping[str, Any], loaded: Mapping[str, np.ndarray],
     elif tuple(loaded[path].shape) != shape:
       report['mismatched'].append(
           f'{path}: checkpoint {tuple(loaded[path].shape)} vs model {shape}')
+    elif _unusable(loaded[path], np.asarray(value).dtype):
+      report['mismatched'].append(f'{path}: {_unusable(loaded[path], np.asarray(value).dtype)}')
     else:
       flat[path] = np.asarray(loaded[path], dtype=np.asarray(value).dtype)
       report['loaded'].append(path)
@@ -61,6 +63,16 @@ def merge(fresh: Mapping[str, Any], loaded: Mapping[str, np.ndarray],
     raise WeightsError('pretrained weights do not fit the model: ' + format_report(errors)
                        + '. Add patterns to init.dont_load to keep fresh values')
   return traverse_util.unflatten_dict(flat, sep='/'), report
+
+
+def _unusable(array: np.ndarray, dtype: np.dtype) -> str | None:
+  """Why a checkpoint array cannot stand for a variable of `dtype`: integers for a float
+  (truncated weights), or NaN/Inf values (they would reach the first step)."""
+  if np.issubdtype(dtype, np.floating) and array.dtype.kind in 'iub':
+    return f'checkpoint {array.dtype} for a {dtype} variable (integers, not weights)'
+  if array.dtype.kind == 'f' and not np.isfinite(array).all():
+    return f'checkpoint holds {int(np.size(array) - np.isfinite(array).sum())} NaN/Inf values'
+  return None
 
 
 def format_report(report: Mapping[str, list[str]], shown: int = 5) -> str:

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from absl import logging
 from flax import traverse_util
 
 from tljax import checkpoint, npz
@@ -35,8 +35,8 @@ def restore_latest(path: str) -> dict[str, Any]:
     raise WeightsError(f'{directory} holds no readable checkpoint' +
                        (f' (damaged: {damaged})' if damaged else ''))
   if damaged:
-    logging.warning('%s: passed over damaged checkpoints (%s); read step %d', directory, damaged,
-                    resume.step)
+    print(f'warning: {directory}: passed over damaged checkpoint(s) ({damaged}); read step '
+          f'{resume.step} instead', file=sys.stderr, flush=True)
   return resume.state
 
 
@@ -60,7 +60,12 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
     tensors = load_file(path)
   except (SafetensorError, Exception) as e:  # noqa: BLE001 (e.g. a dtype NumPy lacks: one line)
     reason = ' '.join(f'{type(e).__name__}: {e}'.split())[:200]
+    if isinstance(e, (AttributeError, TypeError)) and ('float8' in reason or 'dtype' in reason):
+      raise WeightsError(f'{path}: holds tensors of a dtype tljax does not read ({reason}); '
+                         'convert them to float32 and save again') from None
     raise WeightsError(f'{path}: not a readable safetensors file ({reason})') from None
+  if not tensors:
+    raise WeightsError(f'{path}: holds no tensors')
   flat = {k.replace('.', '/'): v for k, v in tensors.items()}
   if len(flat) != len(tensors):
     names = sorted(tensors)

@@ -59,6 +59,9 @@ class _LazyTensor:
   strides: tuple[int, ...]
 
 
+MAX_EXPANDED_ELEMENTS = 2**28  # an expanded (stride-0) tensor of 1 GiB float32 at most
+
+
 def _is_int(value: Any) -> bool:
   return isinstance(value, int) and not isinstance(value, bool)
 
@@ -78,7 +81,9 @@ def _view(tensor: _LazyTensor, data: np.ndarray, source: str) -> np.ndarray:
     return np.zeros(shape, data.dtype)
   last = sum((size - 1) * stride for size, stride in zip(shape, strides, strict=True))
   extent = offset + last + 1  # one past the last element addressed
-  if extent > len(data) or numel > len(data):
+  # Memory safety needs only the extent inside the storage; a legitimately expanded tensor
+  # (stride 0, torch's expand) holds more elements than its storage, up to a sane size.
+  if extent > len(data) or (numel > len(data) and numel > MAX_EXPANDED_ELEMENTS):
     raise WeightsError(f'{where}, strides {strides} and offset {offset} reaches element '
                        f'{extent - 1} or holds {numel} elements, but the storage holds '
                        f'{len(data)}; the file is damaged or hostile')
@@ -155,6 +160,11 @@ class _RestrictedUnpickler(pickle._Unpickler):
   def find_class(self, module: str, name: str) -> Any:
     if (module, name) in _ALLOWED_NAMES:
       return self._globals[(module, name)]
+    if (module, name) == ('torch._utils', '_rebuild_tensor_v3') or (
+        module == 'torch' and name.endswith('Storage')):
+      raise WeightsError(f'{self.source}: holds tensors of a dtype tljax does not read '
+                         f'({module}.{name}; it reads float64/32/16, bfloat16, int8-64, uint8 '
+                         'and bool); convert them, e.g. tensor.float(), and save again')
     raise WeightsError(f'{self.source}: refusing to load global {module}.{name} (only tensors, '
                        'storages and OrderedDict are allowed in a weights file)')
 

@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import importlib.util
 import os
+import re
 import shutil
 import tempfile
 import urllib.request
@@ -131,6 +132,9 @@ def locate(where: str, install: str = '') -> str:
     return _package_file(where, install)
   if where.startswith(('https://', 'gs://')):
     return _download(where)
+  if re.match(r'[A-Za-z][A-Za-z0-9+.-]*://', where):
+    raise WeightsError(f'{where}: only https:// and gs:// addresses are downloaded; fetch the '
+                       'file yourself and name its path')
   if not os.path.exists(where):
     raise WeightsError(f'{where}: no such file')
   return where
