@@ -34,3 +34,11 @@ def create(name: str, num_classes: int | None = None, pretrained: str | None = N
     variables, _ = load.load_pretrained(pretrained, name, model, variables, dont_load or (),
                                         layout)
   return model, variables
+
+
+def load(workdir: str, step: str | int = 'best') -> tuple[Any, dict[str, Any], dict[str, Any]]:
+  """(model, variables, record) of a tljax run's checkpoint: `step` 'best' (selected on the
+  validation split; the last without one), 'last' or a step number. `record` holds the class
+  names, the preprocessing and the model config (tljax.saved_model)."""
+  from tljax import saved_model
+  return saved_model.load(workdir, step)

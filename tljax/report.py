@@ -143,3 +143,48 @@ def plot(rows: Sequence[Mapping[str, Any]], spec: PlotSpec, path: str, title: st
   figure.tight_layout()
   figure.savefig(path, dpi=120)
   pyplot.close(figure)
+
+
+MAX_CONFUSION_CLASSES = 200  # above this a picture of the matrix is unreadable: none is drawn
+
+
+def plot_confusion(result: Mapping[str, Any], class_names: Sequence[str] | None, path: str,
+                   title: str = '') -> bool:
+  """The confusion matrix of one evaluation (`result['confusion']`, rows true, columns
+  predicted) as a PNG with class names on both axes, each cell's count written in it when
+  there are few classes; written whole or not at all. Returns whether a picture was drawn."""
+  import os
+
+  import matplotlib
+  matplotlib.use('Agg')
+  import numpy as np
+  from matplotlib import pyplot
+
+  confusion = np.asarray(result['confusion'])
+  count = len(confusion)
+  if count > MAX_CONFUSION_CLASSES:
+    return False
+  names = (list(class_names) if class_names and len(class_names) == count
+           else [str(i) for i in range(count)])
+  side = min(4 + 0.35 * count, 30)
+  figure, axes = pyplot.subplots(figsize=(side + 1.5, side))
+  image = axes.imshow(confusion, cmap='Blues')
+  figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04)
+  axes.set_xticks(range(count), names, rotation=45 if count > 4 else 0, ha='right'
+                  if count > 4 else 'center', fontsize=8 if count > 20 else 10)
+  axes.set_yticks(range(count), names, fontsize=8 if count > 20 else 10)
+  axes.set_xlabel('predicted class')
+  axes.set_ylabel('true class')
+  if count <= 30:
+    limit = confusion.max() / 2 if confusion.size else 0
+    for (row, column), value in np.ndenumerate(confusion):
+      axes.text(column, row, str(value), ha='center', va='center', fontsize=8,
+                color='white' if value > limit else 'black')
+  if title:
+    axes.set_title(title)
+  figure.tight_layout()
+  partial = path + '.partial'
+  figure.savefig(partial, dpi=100, format='png')
+  pyplot.close(figure)
+  os.replace(partial, path)
+  return True
