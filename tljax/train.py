@@ -53,8 +53,19 @@ from tljax.weights import zoo
 
 
 def _with_zoo_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """A zoo source brings its model arguments and input normalisation unless the config sets them."""
-  if config.init.pretrained not in zoo.ZOO:
+  """A zoo source brings its model arguments and input normalisation unless the config sets
+  them; so does a tljax workdir its normalisation (a linear probe, then full fine-tuning of its
+  result, sees the same inputs)."""
+  pretrained = config.init.pretrained
+  if (pretrained and pretrained not in zoo.ZOO and os.path.isdir(pretrained)
+      and config.data.mean is None and config.data.std is None):
+    record = saved_model.read_record(pretrained)
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+      config.data.mean = tuple(record['preprocessing']['mean'])
+      config.data.std = tuple(record['preprocessing']['std'])
+    return config
+  if pretrained not in zoo.ZOO:
     return config
   entry = zoo.get(config.init.pretrained)
   if entry.model != config.model.name:
