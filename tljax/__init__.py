@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,11 +29,12 @@ def create(name: str, num_classes: int | None = None, pretrained: str | None = N
   if num_classes is None:
     raise TypeError('create() needs num_classes unless a zoo source gives it')
   model = build_model(name, num_classes=num_classes, **model_kwargs)
-  variables = init_variables(model, image_size or 224, channels, seed,
-                             get_entry(name).example_input)
-  if pretrained:
-    variables, _ = load.load_pretrained(pretrained, name, model, variables, dont_load or (),
-                                        layout)
+  init = functools.partial(init_variables, model, image_size or 224, channels, seed,
+                           get_entry(name).example_input)
+  if not pretrained:
+    return model, init()
+  variables, _ = load.load_pretrained_lazily(pretrained, name, model, init, dont_load or (),
+                                             layout)
   return model, variables
 
 

@@ -15,6 +15,7 @@ if __name__ == '__main__':  # from here on, SIGTERM and Ctrl-C are recorded, not
   _preemption.install_early()
 
 import dataclasses
+import functools
 import os
 import statistics
 import sys
@@ -145,10 +146,13 @@ def create_train_state(config: ml_collections.ConfigDict):
   """Model, initial TrainState, labels and optimizer pieces, before any device placement."""
   model_kwargs = {k: v for k, v in config.model.to_dict().items() if k != 'name'}
   model = build_model(config.model.name, **model_kwargs)
-  variables = init_variables(model, config.data.image_size, config.data.channels, config.seed)
-  if config.init.pretrained:
-    variables, report = weights_load.load_pretrained(
-        config.init.pretrained, config.model.name, model, variables, config.init.dont_load,
+  init = functools.partial(init_variables, model, config.data.image_size, config.data.channels,
+                           config.seed)
+  if not config.init.pretrained:
+    variables = init()
+  else:
+    variables, report = weights_load.load_pretrained_lazily(
+        config.init.pretrained, config.model.name, model, init, config.init.dont_load,
         config.init.layout)
     if jax.process_index() == 0:
       print(f'pretrained {config.init.pretrained}: loaded {len(report["loaded"])} arrays, kept '

@@ -99,12 +99,17 @@ def build_model(name: str, **kwargs) -> nn.Module:
 
 
 def init_variables(model: nn.Module, image_size: int, channels: int = 3, seed: int = 0,
-                   example_input: Callable[[int, int], tuple] = _image_input) -> dict:
+                   example_input: Callable[[int, int], tuple] = _image_input,
+                   shapes_only: bool = False) -> dict:
   """Fresh variables (`params`, `batch_stats`) of `model` for square images of `image_size`
-  (or sequences of that length, with `example_input` of a text model)."""
+  (or sequences of that length, with `example_input` of a text model). `shapes_only`: their
+  jax.ShapeDtypeStructs from jax.eval_shape, which neither compiles nor runs the init (for
+  variables a checkpoint then fills in)."""
   try:
     inputs = example_input(image_size, channels)
-    return jax.jit(lambda key: model.init(key, *inputs, train=False))(jax.random.key(seed))
+    init = lambda key: model.init(key, *inputs, train=False)  # noqa: E731
+    key = jax.random.key(seed)
+    return jax.eval_shape(init, key) if shapes_only else jax.jit(init)(key)
   except (TypeError, ValueError, ZeroDivisionError, jax.errors.JaxRuntimeError) as e:
     # e.g. a width of -4, or an image size whose activations do not fit in memory
     settings = {k: v for k, v in vars(model).items()  # the config's values, not internals
