@@ -277,3 +277,20 @@ def test_every_research_loop_mistake_is_one_line_and_writes_nothing(diverged, tm
 def _predict_or_train(args):
   return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
                         timeout=300, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+
+
+def test_tfds_validation_slices_that_share_examples_with_the_test_split_are_refused():
+  import tensorflow_datasets as tfds
+  with tfds.testing.mock_data(num_examples=20):
+    source = sources.TfdsSource('mnist')
+    assert not source.overlaps('train[:90%]', 'train[90%:]')
+    assert source.overlaps('train[80%:]', 'train[90%:]')
+    assert source.overlaps('test[:50%]', 'train[:10%]+test[40%:]')
+    assert not source.overlaps('train', 'test')
+    config = dict(train_split='train[:80%]', eval_split='test', val_split='test[:50%]',
+                  batch_size=4)
+    with pytest.raises(sources.DataError, match=r"data.val_split='test\[:50%\]' shares "
+                       r"examples with data.eval_split='test'"):
+      pipeline.check_splits(source, config, 10)
+    config['val_split'] = 'train[80%:]'
+    assert pipeline.check_splits(source, config, 10) > 0  # disjoint slices pass

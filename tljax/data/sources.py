@@ -12,6 +12,7 @@ import importlib.util
 import math
 import os
 import struct
+import types
 import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -98,8 +99,11 @@ class TfdsSource(Source):
       try:
         instruction = tfds.core.ReadInstruction.from_spec(spec)
         bases = {part.split('[')[0].strip() for part in spec.split('+')}
-        sizes = {base: self.num_examples(base) for base in bases}
-        return [(a.splitname, a.from_, a.to) for a in instruction.to_absolute(sizes)]
+        sizes = {base: types.SimpleNamespace(num_examples=self.num_examples(base))
+                 for base in bases}
+        return [(a.splitname, a.from_ or 0,
+                 sizes[a.splitname].num_examples if a.to is None else a.to)
+                for a in instruction.to_absolute(sizes)]
       except (ValueError, AssertionError, KeyError) as e:
         raise DataError(f'TFDS dataset {self.name!r}: split {spec!r} cannot be read: '
                         f'{" ".join(str(e).split())[:200]}') from None
