@@ -80,10 +80,11 @@ def export(workdir: str, out: str, step: str | int = 'best', layout: str = 'tlja
   try:
     save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, partial, metadata)
     os.replace(partial, out)
-  except OSError as e:
+  except Exception as e:  # noqa: BLE001 (OSError, or safetensors' own error for a failed write)
     if os.path.exists(partial):
       os.remove(partial)
-    raise UserError(f'could not write {out}: {e.strerror or e}') from None
+    reason = getattr(e, 'strerror', None) or ' '.join(str(e).split())[:200]
+    raise UserError(f'could not write {out}: {reason}') from None
   return metadata
 
 

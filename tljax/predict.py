@@ -117,14 +117,20 @@ def _batches(paths: list[str], config: dict[str, Any], batch_size: int
                                expand_animations=False)
     return preprocess.normalised_view(image, config)
 
-  dataset = (tf.data.Dataset.from_tensor_slices(tf.constant(paths, tf.string))
+  names = [os.fsencode(p) for p in paths]  # bytes: any file name the system allows
+  dataset = (tf.data.Dataset.from_tensor_slices(tf.constant(names, tf.string))
              .map(view, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
              .batch(batch_size).prefetch(tf.data.AUTOTUNE))
-  for batch in dataset.as_numpy_iterator():
-    if len(batch) < batch_size:
-      batch = np.concatenate([batch, np.zeros((batch_size - len(batch), *batch.shape[1:]),
-                                              batch.dtype)])
-    yield batch
+  try:
+    for batch in dataset.as_numpy_iterator():
+      if len(batch) < batch_size:
+        batch = np.concatenate([batch, np.zeros((batch_size - len(batch), *batch.shape[1:]),
+                                                batch.dtype)])
+      yield batch
+  except tf.errors.OpError as e:  # a file changed or vanished after it was checked
+    reason = (e.message or type(e).__name__).strip().splitlines()[-1]
+    raise UserError(f'an input image could no longer be read ({reason}); was it changed '
+                    'or removed during the run? Run the command again') from None
 
 
 def predict(predictor: Predictor, paths: list[str], top_k: int = 5, batch_size: int = 32,
@@ -156,13 +162,24 @@ def write_csv(path: str, paths: list[str], results: list[list[tuple[str, float]]
   or not at all."""
   k = max((len(r) for r in results), default=0)
   partial = f'{path}.partial'
-  with open(partial, 'w', newline='', encoding='utf-8') as f:
-    writer = csv.writer(f)
-    writer.writerow(['path'] + [f'{kind}_{i}' for i in range(1, k + 1)
-                                for kind in ('class', 'probability')])
-    for image, top in zip(paths, results, strict=True):
-      writer.writerow([image] + [cell for name, prob in top for cell in (name, f'{prob:.6f}')])
-  os.replace(partial, path)
+  try:
+    with open(partial, 'w', newline='', encoding='utf-8', errors='surrogateescape') as f:
+      writer = csv.writer(f)
+      writer.writerow(['path'] + [f'{kind}_{i}' for i in range(1, k + 1)
+                                  for kind in ('class', 'probability')])
+      for image, top in zip(paths, results, strict=True):
+        writer.writerow([image] + [cell for name, prob in top
+                                   for cell in (name, f'{prob:.6f}')])
+    os.replace(partial, path)
+  except OSError as e:
+    if os.path.exists(partial):
+      os.remove(partial)
+    raise UserError(f'could not write --csv {path}: {e.strerror or e}') from None
+
+
+def printable(path: str) -> str:
+  """A file name as the terminal can show it (undecodable bytes replaced)."""
+  return os.fsencode(path).decode('utf-8', 'replace')
 
 
 def _check_csv(path: str | None, force: bool) -> None:
@@ -217,11 +234,12 @@ def main(argv: Sequence[str] | None = None) -> None:
   finally:
     preemption.ignore_from_now()
   if bad:
-    print(f'skipped {len(bad)} unreadable input(s): {", ".join(sorted(bad)[:5])}'
+    print(f'skipped {len(bad)} unreadable input(s): '
+          f'{", ".join(printable(p) for p in sorted(bad)[:5])}'
           + (' ...' if len(bad) > 5 else ''), file=sys.stderr)
   print(f'# {predictor.source}: {len(paths)} image(s)')
   for path, top in zip(paths, results, strict=True):
-    print(path)
+    print(printable(path))
     for name, prob in top:
       print(f'  {prob:7.2%}  {name}')
   if args.csv:

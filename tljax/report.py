@@ -204,7 +204,15 @@ def plot_confusion(result: Mapping[str, Any], class_names: Sequence[str] | None,
     axes.set_title(title)
   figure.tight_layout()
   partial = path + '.partial'
-  figure.savefig(partial, dpi=100, format='png')
-  pyplot.close(figure)
-  os.replace(partial, path)
+  try:
+    figure.savefig(partial, dpi=100, format='png')
+    os.replace(partial, path)
+  except OSError as e:
+    if os.path.exists(partial):
+      os.remove(partial)
+    from tljax.errors import UserError
+    raise UserError(f'could not write {path}: {e.strerror or e}; free space and run the same '
+                    'command again (the checkpoints are complete)') from None
+  finally:
+    pyplot.close(figure)
   return True
