@@ -15,7 +15,7 @@ import pytest
 from conftest import REPO, small_config, snapshot, write_npz
 
 import tljax
-from tljax import metrics, preemption, train
+from tljax import checkpoint, metrics, preemption, train
 from tljax.data import pipeline, sources
 from tljax.errors import Preempted
 
@@ -93,6 +93,11 @@ def test_selection_keeps_the_early_peak_and_reports_its_test_metrics(diverged):
   model, variables, record = tljax.load(workdir, 'best')
   assert record['step'] == best
   assert tljax.load(workdir, 'last')[2]['step'] == 16
+  from tljax.predict import Predictor
+  assert Predictor.from_workdir(workdir, 'best').source == f'{workdir} step {best}'
+  restored = checkpoint.restore_newest(workdir, None, only=best).state['params']
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(variables['params']),
+                                                   jax.tree.leaves(restored), strict=True))
 
 
 def test_selection_survives_a_preemption_and_resume(diverged, tmp_path, monkeypatch):
