@@ -283,3 +283,23 @@ def test_published_rows_sit_in_the_matching_accuracy_column():
   assert paper_cells[columns.index('test accuracy binary %')] == '*90.00*'
   assert paper_cells[columns.index('test accuracy %')] == ''
   assert measured_cells[columns.index('test accuracy %')] == '70.00'
+
+
+def test_tables_read_the_selected_checkpoint_and_show_validation_and_balanced_accuracy():
+  def results(seed_shift):
+    best_test = dict(accuracy=0.8 + seed_shift, balanced_accuracy=0.7 + seed_shift, loss=0.5)
+    last_test = dict(accuracy=0.3, balanced_accuracy=0.3, loss=9.0)
+    return dict(eval=best_test, best=dict(step=4, val=dict(accuracy=0.9, balanced_accuracy=0.85),
+                                          test=best_test),
+                last=dict(step=8, val=dict(accuracy=0.4), test=last_test), selected_step=4,
+                preset='full', frozen_stages=0, trainable_params=10, examples_per_class=None,
+                train_examples=9, final_step=8, wall_time_s=1.0, median_step_time_s=0.1)
+  runs = [dict(variant=f'v-seed{s}', group='v', tags={'seed': s}, results=results(0.1 * s))
+          for s in range(2)]
+  [row] = report.aggregate(runs)
+  assert row['accuracy_mean'] == pytest.approx(0.85)  # the selected checkpoint's test score
+  assert row['val_accuracy_mean'] == pytest.approx(0.9) and row['selected_step'] == 4
+  header = report.markdown_table([row]).splitlines()[0]
+  columns = [c.strip() for c in header.strip('|').split('|')]
+  assert columns[5:9] == ['val accuracy %', 'val balanced accuracy %', 'test accuracy %',
+                          'test balanced accuracy %']

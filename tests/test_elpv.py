@@ -31,6 +31,12 @@ def test_installed_elpv_split_is_the_papers_75_25_stratified_and_fixed():
   image = next(iter(source.records('test').take(1)))['image']
   decoded = source.decode(image, 1).numpy()
   assert decoded.shape == (300, 300, 1) and decoded.std() > 0
+  # Validation (configs/elpv.py: 10%) is carved out of the 1,968, the 656 test cells untouched.
+  held = sources.HeldOut(source, 'train', 0.1, seed=0)
+  val_cells = set(train[held.indices[sources.HELD_OUT_SPLIT]])
+  assert len(val_cells) == 197 and held.num_examples('train') == 1771
+  assert val_cells <= set(train) and held.num_examples('test') == 656
+  assert sorted(set(held.labels(sources.HELD_OUT_SPLIT).tolist())) == [0, 1, 2, 3]
 
 
 def test_stratified_split_hits_the_exact_test_size():

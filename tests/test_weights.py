@@ -13,7 +13,7 @@ from tljax import train
 from tljax.errors import UserError
 from tljax.freeze import flat_paths
 from tljax.models import mobilenet_v2
-from tljax.predict import imagenet_classes, predict
+from tljax.predict import Predictor, imagenet_classes, predict
 from tljax.weights import load, read, torch_file, zoo
 from tljax.weights.errors import WeightsError
 
@@ -91,7 +91,7 @@ def photos(tmp_path_factory):
 
 @pytest.mark.parametrize('source', ['mobilenet_v2/imagenet', 'efficientnet_lite0/imagenet'])
 def test_real_weights_classify_real_photos(source, photos):
-  cat, coffee = predict(source, photos)
+  cat, coffee = predict(Predictor.from_zoo(source), photos)
   assert cat[0][0] in CATS, cat
   assert coffee[0][0] in COFFEE, coffee
   assert len(imagenet_classes()) == 1000

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,9 +29,18 @@ def create(name: str, num_classes: int | None = None, pretrained: str | None = N
   if num_classes is None:
     raise TypeError('create() needs num_classes unless a zoo source gives it')
   model = build_model(name, num_classes=num_classes, **model_kwargs)
-  variables = init_variables(model, image_size or 224, channels, seed,
-                             get_entry(name).example_input)
-  if pretrained:
-    variables, _ = load.load_pretrained(pretrained, name, model, variables, dont_load or (),
-                                        layout)
+  init = functools.partial(init_variables, model, image_size or 224, channels, seed,
+                           get_entry(name).example_input)
+  if not pretrained:
+    return model, init()
+  variables, _ = load.load_pretrained_lazily(pretrained, name, model, init, dont_load or (),
+                                             layout)
   return model, variables
+
+
+def load(workdir: str, step: str | int = 'best') -> tuple[Any, dict[str, Any], dict[str, Any]]:
+  """(model, variables, record) of a tljax run's checkpoint: `step` 'best' (selected on the
+  validation split; the last without one), 'last' or a step number. `record` holds the class
+  names, the preprocessing and the model config (tljax.saved_model)."""
+  from tljax import saved_model
+  return saved_model.load(workdir, step)

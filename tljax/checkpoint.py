@@ -145,13 +145,13 @@ def _drop_orbax_noise() -> None:
                           category=RuntimeWarning)
 
 
-def restore_newest(workdir: str, like: Any = None) -> Resume:
+def restore_newest(workdir: str, like: Any = None, only: int | None = None) -> Resume:
   """The newest checkpoint in `workdir` that restores completely into `like` (abstract arrays
   with target shardings; None: as saved, on this process's first device), passing over damaged
-  ones; nothing is written or moved here."""
+  ones; nothing is written or moved here. `only`: that step or none."""
   directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
   resume = Resume()
-  steps = step_names(directory)
+  steps = [s for s in step_names(directory) if only is None or s == only]
   if not steps:
     return resume
   options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
@@ -239,8 +239,32 @@ def set_aside(workdir: str, damaged: list[tuple[int, str]]) -> list[str]:
   return moved
 
 
+def _best_policy(metric: str, mode: str) -> ocp.checkpoint_managers.BestN:
+  """Orbax's rule for the one best checkpoint: highest (mode 'max') or lowest `metric`, the
+  later step on a tie."""
+  return ocp.checkpoint_managers.BestN(
+      get_metric_fn=lambda metrics: metrics[metric], reverse=mode == 'min', n=1,
+      keep_checkpoints_without_metrics=False)
+
+
+def best_step(manager: ocp.CheckpointManager, metric: str, mode: str) -> int | None:
+  """The step `_best_policy` keeps among `manager`'s checkpoints saved with metrics."""
+  scored = []
+  for step in manager.all_steps():
+    metrics = manager.metrics(step)
+    if isinstance(metrics, dict) and isinstance(metrics.get(metric), (int, float)):
+      scored.append((step, float(metrics[metric])))
+  if not scored:
+    return None
+  return sorted(scored, key=lambda item: item[1], reverse=mode == 'min')[-1][0]
+
+
 class Checkpointer:
-  def __init__(self, workdir: str, keep: int = 3):
+  """Saves in the background into `<workdir>/checkpoints`, keeping the newest `keep` and, with
+  `select=(metric, mode)`, the best checkpoint by that validation metric besides (orbax's
+  BestN preservation policy over the metrics saved with each evaluated checkpoint)."""
+
+  def __init__(self, workdir: str, keep: int = 3, select: tuple[str, str] | None = None):
     self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
     # A save cut short by a killed process is deleted here, before anything else runs. (Orbax's
     # cleanup_tmp_directories does it in a background thread that can overlap the data
@@ -249,7 +273,15 @@ class Checkpointer:
     # A write that fails (a full disk) fails in orbax's threads first, whose reports would
     # print before the one error line `save` and `wait` raise: only that line is shown.
     _drop_orbax_noise()
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+    if select is None:
+      options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+    else:
+      policy = ocp.checkpoint_managers.AnyPreservationPolicy(
+          [ocp.checkpoint_managers.LatestN(n=keep), _best_policy(*select)])
+      metric, mode = select  # best_fn: orbax saves the metrics only when it tracks a best
+      options = ocp.CheckpointManagerOptions(
+          create=True, preservation_policy=policy, best_fn=lambda m: m[metric], best_mode=mode)
+    self.select = select
     self.manager = ocp.CheckpointManager(self.directory, options=options)
     self.pending_step: int | None = None  # the save that may still be writing
     self.failed = False
@@ -263,12 +295,30 @@ class Checkpointer:
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
-  def save(self, step: int, state: Any) -> None:
-    """Starts writing `step` in the background, once the previous save is complete."""
+  def best_step(self) -> int | None:
+    """The selected checkpoint's step (after the pending save completes); None without
+    selection or before any evaluated checkpoint."""
+    if self.select is None:
+      return None
+    self.wait()
+    return best_step(self.manager, *self.select)
+
+  def improves(self, value: float) -> bool:
+    """Whether a checkpoint with validation `value` of the selected metric would become the
+    best (ties go to the later step, as orbax keeps them)."""
+    step = self.best_step()
+    if step is None:
+      return True
+    best = float(self.manager.metrics(step)[self.select[0]])
+    return value >= best if self.select[1] == 'max' else value <= best
+
+  def save(self, step: int, state: Any, metrics: dict[str, float] | None = None) -> None:
+    """Starts writing `step` in the background, once the previous save is complete; `metrics`
+    (the validation metrics of this step) rank it for selection."""
     self.wait()
     self.pending_step = step
     self._guarded(lambda: self.manager.save(step, args=ocp.args.StandardSave(state),
-                                            force=True))
+                                            metrics=metrics, force=True))
 
   def wait(self) -> None:
     """Returns when the last save is complete on disk."""

@@ -41,6 +41,11 @@ def base_config() -> ml_collections.ConfigDict:
       name='', path='', data_dir=placeholder(str), image_key='image', label_key='label',
       classes=placeholder(tuple),  # keep only these class ids, relabelled 0..n-1 in this order
       train_split='train', eval_split='test',
+      # Validation: a split name ('val' of a folder, 'train[90%:]' of TFDS) or a fraction of
+      # train_split held out (seeded by val_seed, stratified by class, before
+      # examples_per_class sampling). With one, periodic evaluation and checkpoint selection
+      # run on it and eval_split (the test split) is evaluated only at the end.
+      val_split=None, val_seed=0,
       image_size=32, resize_size=placeholder(int), channels=3, augment=True,
       mean=placeholder(tuple), std=placeholder(tuple),
       batch_size=32, eval_batch_size=placeholder(int),
@@ -68,6 +73,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.freeze = dict(preset=placeholder(str), head_lr_mult=1.0)
   # Extra eval accuracies over merged classes, e.g. {'binary': ((0, 1), (2, 3))}.
   c.eval_groupings = ml_collections.ConfigDict()
+  # Which checkpoint a run with a validation split selects as `best` (kept besides the latest
+  # ones): a validation metric (loss, accuracy, balanced_accuracy, macro_f1, accuracy_<grouping>)
+  # and whether higher ('max') or lower ('min') is better.
+  c.select = dict(metric='accuracy', mode='max')
   c.total_steps = 100
   c.total_epochs = placeholder(float)  # when set, overrides total_steps
   c.log_every = 10
@@ -299,6 +308,7 @@ VALUE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     'data.eval_batch_size': _optional(_integer(1)),
     'data.examples_per_class': _optional(_integer(1)),
     'data.subset_seed': _integer(0, MAX_SEED),
+    'data.val_seed': _integer(0, MAX_SEED),
     'data.shuffle_buffer': _integer(1),
     'data.max_image_pixels': _integer(1),
     'optim.lr': _number(0),
@@ -369,11 +379,51 @@ def check_values(config: ml_collections.ConfigDict) -> None:
   if classes is not None and (not classes or not all(_is_int(c) and c >= 0 for c in classes)
                               or len(set(classes)) != len(classes)):
     raise ConfigError(f'data.classes={classes!r} must be distinct class ids >= 0')
+  _check_validation(config)
   for index, pattern in enumerate(config.init.dont_load):
     try:
       re.compile(pattern)
     except (re.error, TypeError) as e:
       raise ConfigError(f'init.dont_load[{index}]={pattern!r} is not a regex: {e}') from None
+
+
+def held_out_fraction(val_split: Any) -> float | None:
+  """The fraction `data.val_split` holds out of the training split (a number in (0, 1), or
+  text such as '0.1'); None for a split name or no validation split."""
+  if isinstance(val_split, str):
+    try:
+      val_split = float(val_split)
+    except ValueError:
+      return None
+  if isinstance(val_split, (int, float)) and not isinstance(val_split, bool):
+    if not (math.isfinite(val_split) and 0 < val_split < 1):
+      raise ConfigError(f'data.val_split={val_split!r} must be a fraction in (0, 1) of the '
+                        'training split, or the name of a split')
+    return float(val_split)
+  return None
+
+
+SELECT_METRICS = ('accuracy', 'balanced_accuracy', 'macro_f1', 'loss')
+
+
+def _check_validation(config: ml_collections.ConfigDict) -> None:
+  """data.val_split is a fraction or a split other than the train and test splits; `select`
+  names a metric evaluation reports."""
+  data = config.data
+  val = data.val_split
+  if isinstance(val, bool) or not (val is None or isinstance(val, (str, int, float))):
+    raise ConfigError(f'data.val_split={val!r} must be a split name or a fraction in (0, 1)')
+  held_out_fraction(val)
+  if isinstance(val, str) and val in (data.eval_split, data.train_split):
+    which = 'eval_split' if val == data.eval_split else 'train_split'
+    raise ConfigError(f'data.val_split={val!r} is data.{which} too; validation needs examples '
+                      'of its own (a split name, or a fraction of the training split)')
+  known = SELECT_METRICS + tuple(f'accuracy_{name}' for name in config.eval_groupings)
+  if config.select.metric not in known:
+    raise ConfigError(f'select.metric={config.select.metric!r} is not a validation metric; '
+                      f'choose one of {", ".join(known)}')
+  if config.select.mode not in ('max', 'min'):
+    raise ConfigError(f"select.mode={config.select.mode!r} must be 'max' or 'min'")
 
 
 def compute_dtype(config: ml_collections.ConfigDict) -> str | None:

@@ -1,20 +1,31 @@
-"""Top-k classes of a pretrained (or fine-tuned) model on image files: a glance that weights loaded.
+"""Top-k classes of a fine-tuned run (or a zoo model) on image files and folders.
 
-  python -m tljax.predict --pretrained mobilenet_v2/imagenet photo.jpg [more.jpg ...]
+  python -m tljax.predict --workdir DIR [--step best|last|N] IMAGE... | FOLDER... [--csv OUT]
+  python -m tljax.predict --pretrained mobilenet_v2/imagenet photo.jpg
+
+A workdir brings its class names and preprocessing (model.json); a folder is searched for image
+files (.png, .jpg, .jpeg, .bmp, .gif) at any depth and run in batches. Every input is checked
+before anything is computed: a file that is not a usable image is an error naming it, unless
+--skip-unreadable leaves it out (and says so). Exit status: 0 done, 2 bad input.
 """
 
 from __future__ import annotations
 
+import argparse
+import csv
+import dataclasses
 import os
 import sys
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
-from absl import app, flags
 
-from tljax.data.tf_quiet import tf
 from tljax.errors import UserError
 
 CLASS_FILE = os.path.join(os.path.dirname(__file__), 'data', 'imagenet_classes.tsv')
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif')
+MAX_PIXELS = 100_000_000
 
 
 def imagenet_classes() -> list[str]:
@@ -23,54 +34,217 @@ def imagenet_classes() -> list[str]:
     return [line.rstrip('\n').split('\t')[1] for line in f]
 
 
-def load_image(path: str, config: dict) -> np.ndarray:
-  """A photo file as the model's evaluation view: shorter side resized, central crop, mean/std."""
+@dataclasses.dataclass
+class Predictor:
+  """A model ready to classify images: variables, class names and its evaluation view."""
+  model: Any
+  variables: dict[str, Any]
+  class_names: list[str]
+  preprocessing: dict[str, Any]  # image_size, resize_size, channels, mean, std
+  source: str  # what was loaded, for the report
+
+  @classmethod
+  def from_workdir(cls, workdir: str, step: str | int = 'best') -> Predictor:
+    from tljax import saved_model
+    model, variables, record = saved_model.load(workdir, step)
+    count = int(record['model']['num_classes'])
+    names = record.get('class_names') or [f'class {i}' for i in range(count)]
+    return cls(model, variables, list(names), dict(record['preprocessing']),
+               f'{workdir} step {record["step"]}')
+
+  @classmethod
+  def from_zoo(cls, name: str) -> Predictor:
+    import tljax
+    from tljax.weights import zoo
+    entry = zoo.get(name)
+    if entry.labels != 'imagenet':
+      raise UserError(f'{name!r} is not an ImageNet-1k classifier')
+    model, variables = tljax.create(entry.model, pretrained=name)
+    pre = entry.preprocessing
+    return cls(model, variables, imagenet_classes(),
+               dict(image_size=pre.image_size, resize_size=pre.resize, channels=3,
+                    mean=pre.mean, std=pre.std), name)
+
+  def view_config(self) -> dict[str, Any]:
+    """The preprocessing as tljax.data.preprocess reads it (its evaluation view)."""
+    pre = self.preprocessing
+    return dict(image_size=pre['image_size'], resize_size=pre['resize_size'], augment=True,
+                channels=pre.get('channels', 3), mean=tuple(pre['mean']), std=tuple(pre['std']))
+
+
+def find_images(inputs: Sequence[str]) -> list[str]:
+  """Image files named by `inputs`: files as given, folders searched at any depth (sorted);
+  a missing input or a folder without images is an error naming it."""
+  found = []
+  for item in inputs:
+    if os.path.isdir(item):
+      inside = sorted(os.path.join(root, name)
+                      for root, dirs, names in os.walk(item)
+                      for name in names if name.lower().endswith(IMAGE_EXTENSIONS))
+      if not inside:
+        raise UserError(f'folder {item} holds no image files ({", ".join(IMAGE_EXTENSIONS)}); '
+                        'name image files or a folder that holds some')
+      found += inside
+    elif os.path.lexists(item):
+      found.append(item)
+    else:
+      raise UserError(f'{item}: no such file or folder')
+  return found
+
+
+def check_images(paths: list[str], skip_unreadable: bool) -> tuple[list[str], dict[str, str]]:
+  """(usable paths, {unusable path: why}); unusable ones are an error unless skipped."""
+  from tljax.data import image_files
+  bad = image_files.problems(paths, MAX_PIXELS)
+  if bad and not skip_unreadable:
+    shown = '; '.join(f'{ascii(p)[1:-1]} ({why})' for p, why in sorted(bad.items())[:5])
+    more = f'; and {len(bad) - 5} more' if len(bad) > 5 else ''
+    raise UserError(f'{len(bad)} input(s) cannot be read as images: {shown}{more}. Remove them, '
+                    'or pass --skip-unreadable to leave them out')
+  return [p for p in paths if p not in bad], bad
+
+
+def _batches(paths: list[str], config: dict[str, Any], batch_size: int
+             ) -> Iterator[np.ndarray]:
+  """Evaluation views of `paths`, decoded in parallel, in batches of `batch_size` (the last
+  one padded, so one compiled program serves every batch)."""
   from tljax.data import preprocess
-  if not os.path.isfile(path):
-    raise UserError(f'{path}: no such image file')
+  from tljax.data.tf_quiet import tf
+  channels = int(config['channels'])
+
+  def view(path):
+    image = tf.io.decode_image(tf.io.read_file(path), channels=channels,
+                               expand_animations=False)
+    return preprocess.normalised_view(image, config)
+
+  names = [os.fsencode(p) for p in paths]  # bytes: any file name the system allows
+  dataset = (tf.data.Dataset.from_tensor_slices(tf.constant(names, tf.string))
+             .map(view, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+             .batch(batch_size).prefetch(tf.data.AUTOTUNE))
   try:
-    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-  except tf.errors.InvalidArgumentError:
-    raise UserError(f'{path}: not a readable image (jpeg, png, gif or bmp)') from None
-  return preprocess.normalised_view(image, config).numpy()
+    for batch in dataset.as_numpy_iterator():
+      if len(batch) < batch_size:
+        batch = np.concatenate([batch, np.zeros((batch_size - len(batch), *batch.shape[1:]),
+                                                batch.dtype)])
+      yield batch
+  except tf.errors.OpError as e:  # a file changed or vanished after it was checked
+    reason = (e.message or type(e).__name__).strip().splitlines()[-1]
+    raise UserError(f'an input image could no longer be read ({reason}); was it changed '
+                    'or removed during the run? Run the command again') from None
 
 
-def predict(pretrained: str, paths: list[str], top_k: int = 5) -> list[list[tuple[str, float]]]:
-  """Per image, the `top_k` (class name, probability) of zoo model `pretrained`."""
+def predict(predictor: Predictor, paths: list[str], top_k: int = 5, batch_size: int = 32,
+            progress: bool = False) -> list[list[tuple[str, float]]]:
+  """Per image, the `top_k` (class name, probability), most likely first."""
   import jax
+  apply = jax.jit(lambda variables, images: jax.nn.softmax(
+      predictor.model.apply(variables, images, train=False), axis=-1))
+  batch_size = max(1, min(batch_size, len(paths)))
+  bar = None
+  if progress:
+    from tqdm import tqdm
+    bar = tqdm(total=len(paths), unit='image', file=sys.stderr, leave=False)
+  results = []
+  k = min(top_k, len(predictor.class_names))
+  for batch in _batches(paths, predictor.view_config(), batch_size):
+    probs = np.asarray(apply(predictor.variables, batch))[:len(paths) - len(results)]
+    for row in probs:
+      results.append([(predictor.class_names[i], float(row[i])) for i in np.argsort(-row)[:k]])
+    if bar is not None:
+      bar.update(len(probs))
+  if bar is not None:
+    bar.close()
+  return results
 
-  import tljax
-  from tljax.weights import zoo
 
-  entry = zoo.get(pretrained)
-  if entry.labels != 'imagenet':
-    raise UserError(f'{pretrained!r} is not an ImageNet-1k classifier')
-  model, variables = tljax.create(entry.model, pretrained=pretrained)
-  pre = entry.preprocessing
-  config = dict(image_size=pre.image_size, resize_size=pre.resize, mean=pre.mean, std=pre.std)
-  images = np.stack([load_image(p, config) for p in paths])
-  probs = np.asarray(jax.nn.softmax(jax.jit(model.apply)(variables, images), axis=-1))
-  names = imagenet_classes()
-  return [[(names[i], float(row[i])) for i in np.argsort(-row)[:top_k]] for row in probs]
-
-
-_PRETRAINED = flags.DEFINE_string('pretrained', None, 'Zoo name, e.g. mobilenet_v2/imagenet.')
-_TOP_K = flags.DEFINE_integer('top_k', 5, 'Classes to print per image.')
-
-
-def main(argv: list[str]) -> None:
-  if not _PRETRAINED.value or len(argv) < 2:
-    raise app.UsageError('usage: python -m tljax.predict --pretrained NAME IMAGE [IMAGE ...]')
+def write_csv(path: str, paths: list[str], results: list[list[tuple[str, float]]]) -> None:
+  """One row per image: path, then (class, probability) for each of the top k; written whole
+  or not at all."""
+  k = max((len(r) for r in results), default=0)
+  partial = f'{path}.partial'
   try:
-    results = predict(_PRETRAINED.value, argv[1:], _TOP_K.value)
+    with open(partial, 'w', newline='', encoding='utf-8', errors='surrogateescape') as f:
+      writer = csv.writer(f)
+      writer.writerow(['path'] + [f'{kind}_{i}' for i in range(1, k + 1)
+                                  for kind in ('class', 'probability')])
+      for image, top in zip(paths, results, strict=True):
+        writer.writerow([image] + [cell for name, prob in top
+                                   for cell in (name, f'{prob:.6f}')])
+    os.replace(partial, path)
+  except OSError as e:
+    if os.path.exists(partial):
+      os.remove(partial)
+    raise UserError(f'could not write --csv {path}: {e.strerror or e}') from None
+
+
+def printable(path: str) -> str:
+  """A file name as the terminal can show it (undecodable bytes replaced)."""
+  return os.fsencode(path).decode('utf-8', 'replace')
+
+
+def _check_csv(path: str | None, force: bool) -> None:
+  if path is None:
+    return
+  if os.path.isdir(path):
+    raise UserError(f'--csv {path} is a directory; name a file')
+  if os.path.lexists(path) and not force:
+    raise UserError(f'--csv {path} exists; pass --force to replace it, or name another file')
+  parent = os.path.dirname(os.path.abspath(path))
+  if not os.path.isdir(parent):
+    raise UserError(f'--csv {path}: the folder {parent} does not exist')
+  if not os.access(parent, os.W_OK):
+    raise UserError(f'--csv {path}: the folder {parent} is not writable')
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  from tljax import preemption
+  preemption.install_early()
+  parser = argparse.ArgumentParser(prog='python -m tljax.predict', description=__doc__.split(
+      '\n')[0])
+  source = parser.add_mutually_exclusive_group(required=True)
+  source.add_argument('--workdir', help='a tljax run (its model.json and checkpoints)')
+  source.add_argument('--pretrained', help='a zoo ImageNet classifier, e.g. mobilenet_v2/imagenet')
+  parser.add_argument('--step', default='best', help="'best' (selected on validation; the last "
+                      "without a validation split), 'last' or a step number")
+  parser.add_argument('inputs', nargs='+', metavar='IMAGE_OR_FOLDER')
+  parser.add_argument('--top_k', '--top-k', type=int, default=5, help='classes per image')
+  parser.add_argument('--csv', help='write one row per image to this file')
+  parser.add_argument('--force', action='store_true', help='replace an existing --csv file')
+  parser.add_argument('--batch_size', '--batch-size', type=int, default=32)
+  parser.add_argument('--skip-unreadable', '--skip_unreadable', action='store_true',
+                      help='leave out inputs that are not usable images (counted) instead of '
+                      'failing')
+  args = parser.parse_args(argv)
+  try:
+    if args.top_k < 1 or args.batch_size < 1:
+      raise UserError(f'--top_k={args.top_k} and --batch_size={args.batch_size} must be >= 1')
+    _check_csv(args.csv, args.force)
+    paths, bad = check_images(find_images(args.inputs), args.skip_unreadable)
+    if not paths:
+      raise UserError('none of the inputs is a usable image')
+    predictor = (Predictor.from_workdir(args.workdir, args.step) if args.workdir
+                 else Predictor.from_zoo(args.pretrained))
+    results = predict(predictor, paths, args.top_k, args.batch_size,
+                      progress=len(paths) > args.batch_size)
+    if args.csv:
+      write_csv(args.csv, paths, results)
   except UserError as e:
-    print(f'error: {e}', file=sys.stderr)
+    print('error: ' + ' '.join(str(e).splitlines()), file=sys.stderr)
     sys.exit(2)
-  for path, top in zip(argv[1:], results, strict=True):
-    print(path)
+  finally:
+    preemption.ignore_from_now()
+  if bad:
+    print(f'skipped {len(bad)} unreadable input(s): '
+          f'{", ".join(printable(p) for p in sorted(bad)[:5])}'
+          + (' ...' if len(bad) > 5 else ''), file=sys.stderr)
+  print(f'# {predictor.source}: {len(paths)} image(s)')
+  for path, top in zip(paths, results, strict=True):
+    print(printable(path))
     for name, prob in top:
       print(f'  {prob:7.2%}  {name}')
+  if args.csv:
+    print(f'wrote {args.csv} ({len(paths)} rows)')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  main()

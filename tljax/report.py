@@ -10,7 +10,10 @@ from typing import Any
 
 TIME_KEYS = ('wall_time_s', 'median_step_time_s')
 COPIED_KEYS = ('preset', 'frozen_stages', 'trainable_params', 'examples_per_class',
-               'train_examples', 'final_step')
+               'train_examples', 'final_step', 'selected_step')
+# Scores a table reports: test ones of the selected checkpoint (the last without a validation
+# split), and with one the validation scores that selected it (as val_<key>).
+SCORE_PREFIXES = ('accuracy', 'balanced_accuracy')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,9 +29,19 @@ class PlotSpec:
   series_values: tuple | None = None  # draw only these series, in this order (None: all)
 
 
+def _scores(results: Mapping[str, Any]) -> dict[str, float]:
+  """Test accuracies of the reported checkpoint, and the validation ones that selected it."""
+  scores = {k: v for k, v in results['eval'].items() if k.startswith(SCORE_PREFIXES)}
+  best = results.get('best') or {}
+  scores.update({f'val_{k}': v for k, v in (best.get('val') or {}).items()
+                 if k.startswith(SCORE_PREFIXES)})
+  return scores
+
+
 def aggregate(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-  """One row per group of runs (variants differing only in seed): accuracy mean and std,
-  mean times, and the run facts (frozen stages, trainable parameters, ...)."""
+  """One row per group of runs (variants differing only in seed): accuracy mean and std (test,
+  and validation where there is a validation split), mean times, and the run facts (frozen
+  stages, trainable parameters, ...)."""
   groups: dict[str, list[Mapping[str, Any]]] = {}
   for run in runs:
     groups.setdefault(run['group'], []).append(run)
@@ -38,11 +51,11 @@ def aggregate(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     row: dict[str, Any] = dict(variant=group, seeds=len(members))
     row.update({k: v for k, v in members[0]['tags'].items() if k != 'seed'})
     row.update({k: first.get(k) for k in COPIED_KEYS})
-    for key in first['eval']:
-      if key.startswith('accuracy'):
-        values = [m['results']['eval'][key] for m in members]
-        row[f'{key}_mean'] = statistics.fmean(values)
-        row[f'{key}_std'] = statistics.stdev(values) if len(values) > 1 else 0.0
+    scores = [_scores(m['results']) for m in members]
+    for key in scores[0]:
+      values = [s[key] for s in scores if key in s]
+      row[f'{key}_mean'] = statistics.fmean(values)
+      row[f'{key}_std'] = statistics.stdev(values) if len(values) > 1 else 0.0
     for key in TIME_KEYS:
       values = [m['results'][key] for m in members if m['results'].get(key) is not None]
       row[key] = statistics.fmean(values) if values else None
@@ -60,7 +73,13 @@ def write_csv(rows: Sequence[Mapping[str, Any]], path: str) -> None:
 
 def _accuracy_keys(rows: Sequence[Mapping[str, Any]]) -> list[str]:
   keys = dict.fromkeys(k[:-len('_mean')] for row in rows for k in row if k.endswith('_mean'))
-  return sorted(keys, key=lambda k: (k != 'accuracy', k))
+  return sorted(keys, key=lambda k: (not k.startswith('val_'), k.removeprefix('val_') !=
+                                     'accuracy', k))
+
+
+def _column(key: str) -> str:
+  split = 'val' if key.startswith('val_') else 'test'
+  return f'{split} {key.removeprefix("val_").replace("_", " ")} %'
 
 
 def _percent(row: Mapping[str, Any], key: str) -> str:
@@ -72,11 +91,12 @@ def _percent(row: Mapping[str, Any], key: str) -> str:
 
 def markdown_table(rows: Sequence[Mapping[str, Any]], missing: int = 0,
                    published: Sequence[tuple[str, Mapping[str, float]]] = ()) -> str:
-  """The results table: accuracies in percent as mean ± std over seeds, then any published
-  results (label, {accuracy key: fraction}) in the same columns, for comparison."""
+  """The results table: accuracies in percent as mean ± std over seeds (validation columns,
+  where runs had a validation split, then the test scores of the checkpoint selected on it),
+  then any published results (label, {accuracy key: fraction}) in the same columns."""
   accuracy_keys = _accuracy_keys(rows)
   header = ['variant', 'frozen stages', 'trainable params', 'examples/class', 'seeds']
-  header += ['test ' + k.replace('_', ' ') + ' %' for k in accuracy_keys]
+  header += [_column(k) for k in accuracy_keys]
   header += ['train wall time', 'median step']
   lines = ['| ' + ' | '.join(header) + ' |', '|' + ' --- |' * len(header)]
   for row in rows:
@@ -143,3 +163,56 @@ def plot(rows: Sequence[Mapping[str, Any]], spec: PlotSpec, path: str, title: st
   figure.tight_layout()
   figure.savefig(path, dpi=120)
   pyplot.close(figure)
+
+
+MAX_CONFUSION_CLASSES = 200  # above this a picture of the matrix is unreadable: none is drawn
+
+
+def plot_confusion(result: Mapping[str, Any], class_names: Sequence[str] | None, path: str,
+                   title: str = '') -> bool:
+  """The confusion matrix of one evaluation (`result['confusion']`, rows true, columns
+  predicted) as a PNG with class names on both axes, each cell's count written in it when
+  there are few classes; written whole or not at all. Returns whether a picture was drawn."""
+  import os
+
+  import matplotlib
+  matplotlib.use('Agg')
+  import numpy as np
+  from matplotlib import pyplot
+
+  confusion = np.asarray(result['confusion'])
+  count = len(confusion)
+  if count > MAX_CONFUSION_CLASSES:
+    return False
+  names = (list(class_names) if class_names and len(class_names) == count
+           else [str(i) for i in range(count)])
+  side = min(4 + 0.35 * count, 30)
+  figure, axes = pyplot.subplots(figsize=(side + 1.5, side))
+  image = axes.imshow(confusion, cmap='Blues')
+  figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04)
+  axes.set_xticks(range(count), names, rotation=45 if count > 4 else 0, ha='right'
+                  if count > 4 else 'center', fontsize=8 if count > 20 else 10)
+  axes.set_yticks(range(count), names, fontsize=8 if count > 20 else 10)
+  axes.set_xlabel('predicted class')
+  axes.set_ylabel('true class')
+  if count <= 30:
+    limit = confusion.max() / 2 if confusion.size else 0
+    for (row, column), value in np.ndenumerate(confusion):
+      axes.text(column, row, str(value), ha='center', va='center', fontsize=8,
+                color='white' if value > limit else 'black')
+  if title:
+    axes.set_title(title)
+  figure.tight_layout()
+  partial = path + '.partial'
+  try:
+    figure.savefig(partial, dpi=100, format='png')
+    os.replace(partial, path)
+  except OSError as e:
+    if os.path.exists(partial):
+      os.remove(partial)
+    from tljax.errors import UserError
+    raise UserError(f'could not write {path}: {e.strerror or e}; free space and run the same '
+                    'command again (the checkpoints are complete)') from None
+  finally:
+    pyplot.close(figure)
+  return True

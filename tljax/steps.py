@@ -144,8 +144,10 @@ def make_eval_step(model: nn.Module, axis_name: str | None = None,
                    ) -> Callable:
   """Returns eval_step(state, batch) -> summed metrics; `batch['mask']` zeroes padding.
 
-  `groupings` maps a name to a class -> group table; `correct_<name>` counts predictions in
-  the right group (e.g. defective or not, from four defect grades).
+  `confusion[true, predicted]` counts the batch's examples (on device, exact integers), from
+  which tljax.class_metrics derives per-class results. `groupings` maps a name to a class ->
+  group table; `correct_<name>` counts predictions in the right group (e.g. defective or not,
+  from four defect grades).
   """
   tables = {name: jnp.asarray(table) for name, table in (groupings or {}).items()}
 
@@ -159,8 +161,11 @@ def make_eval_step(model: nn.Module, axis_name: str | None = None,
     losses = cross_entropy(logits, batch['label'])
     predicted = jnp.argmax(logits, -1)
     correct = (predicted == batch['label']).astype(jnp.float32)
+    num_classes = logits.shape[-1]
+    confusion = jnp.zeros((num_classes, num_classes), jnp.int32).at[
+        batch['label'], predicted].add(batch['mask'].astype(jnp.int32))
     sums = dict(loss=jnp.sum(losses * mask), correct=jnp.sum(correct * mask),
-                count=jnp.sum(mask))
+                count=jnp.sum(mask), confusion=confusion)
     for name, table in tables.items():
       right_group = (table[predicted] == table[batch['label']]).astype(jnp.float32)
       sums[f'correct_{name}'] = jnp.sum(right_group * mask)

@@ -15,6 +15,7 @@ if __name__ == '__main__':  # from here on, SIGTERM and Ctrl-C are recorded, not
   _preemption.install_early()
 
 import dataclasses
+import functools
 import os
 import statistics
 import sys
@@ -29,6 +30,7 @@ from absl import app, flags, logging
 
 from tljax import (
   checkpoint,
+  class_metrics,
   features,
   freeze,
   metrics,
@@ -37,6 +39,8 @@ from tljax import (
   parallel,
   partition,
   preemption,
+  report,
+  saved_model,
   steps,
 )
 from tljax import config as config_lib
@@ -50,8 +54,19 @@ from tljax.weights import zoo
 
 
 def _with_zoo_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """A zoo source brings its model arguments and input normalisation unless the config sets them."""
-  if config.init.pretrained not in zoo.ZOO:
+  """A zoo source brings its model arguments and input normalisation unless the config sets
+  them; so does a tljax workdir its normalisation (a linear probe, then full fine-tuning of its
+  result, sees the same inputs)."""
+  pretrained = config.init.pretrained
+  if (pretrained and pretrained not in zoo.ZOO and os.path.isdir(pretrained)
+      and config.data.mean is None and config.data.std is None):
+    record = saved_model.read_record(pretrained)
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+      config.data.mean = tuple(record['preprocessing']['mean'])
+      config.data.std = tuple(record['preprocessing']['std'])
+    return config
+  if pretrained not in zoo.ZOO:
     return config
   entry = zoo.get(config.init.pretrained)
   if entry.model != config.model.name:
@@ -131,10 +146,13 @@ def create_train_state(config: ml_collections.ConfigDict):
   """Model, initial TrainState, labels and optimizer pieces, before any device placement."""
   model_kwargs = {k: v for k, v in config.model.to_dict().items() if k != 'name'}
   model = build_model(config.model.name, **model_kwargs)
-  variables = init_variables(model, config.data.image_size, config.data.channels, config.seed)
-  if config.init.pretrained:
-    variables, report = weights_load.load_pretrained(
-        config.init.pretrained, config.model.name, model, variables, config.init.dont_load,
+  init = functools.partial(init_variables, model, config.data.image_size, config.data.channels,
+                           config.seed)
+  if not config.init.pretrained:
+    variables = init()
+  else:
+    variables, report = weights_load.load_pretrained_lazily(
+        config.init.pretrained, config.model.name, model, init, config.init.dont_load,
         config.init.layout)
     if jax.process_index() == 0:
       print(f'pretrained {config.init.pretrained}: loaded {len(report["loaded"])} arrays, kept '
@@ -211,16 +229,37 @@ def _layout_line(summary: dict[str, Any]) -> str:
           f'({summary["bytes_replicated"]:,} replicated)')
 
 
-def evaluate(eval_step, state, eval_data: pipeline.EvalBatches) -> dict[str, float]:
+@dataclasses.dataclass
+class Evaluation:
+  """One split evaluated: scalar `metrics` (logged) and `details` (per-class results and the
+  confusion matrix, for results.json)."""
+  step: int
+  metrics: dict[str, float]
+  details: dict[str, Any]
+
+  def as_result(self) -> dict[str, Any]:
+    return {**self.metrics, **self.details}
+
+
+def evaluate(eval_step, state, eval_data: pipeline.EvalBatches, step: int = 0,
+             class_names: list[str] | None = None) -> Evaluation:
+  """Sums of every batch's metrics and confusion matrix over the split, as one Evaluation."""
   sums: dict[str, float] = {}
+  confusion = None
   for batch in eval_data:
-    for k, v in eval_step(state, batch).items():
+    outputs = dict(eval_step(state, batch))
+    matrix = np.asarray(outputs.pop('confusion'))
+    matrix = matrix.reshape(-1, *matrix.shape[-2:])[0].astype(np.int64)  # pmap: one replica
+    confusion = matrix if confusion is None else confusion + matrix
+    for k, v in outputs.items():
       sums[k] = sums.get(k, 0.0) + float(np.asarray(v).reshape(-1)[0])
   count = max(sums['count'], 1.0)
   grouped = {f'accuracy_{k[len("correct_"):]}': v / count for k, v in sums.items()
              if k.startswith('correct_')}
-  return dict(loss=sums['loss'] / count, accuracy=sums['correct'] / count, **grouped,
-              examples=int(sums['count']))
+  names = class_names if class_names and len(class_names) == len(confusion) else None
+  per_class, details = class_metrics.summarize(confusion, names)
+  return Evaluation(step, dict(loss=sums['loss'] / count, accuracy=sums['correct'] / count,
+                               **per_class, **grouped, examples=int(sums['count'])), details)
 
 
 def _finished(results: dict[str, Any], workdir: str, step: int) -> dict[str, Any]:
@@ -250,8 +289,11 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   parallel.check_batch_size(config.data.batch_size, layout)
   dtype = config_lib.compute_dtype(config)
   grad_accum_steps = _grad_accum_steps(config, layout.data)
-  source = source or sources.make_source(config.data)
+  source = sources.with_validation(source or sources.make_source(config.data), config.data)
   train_examples = pipeline.check_splits(source, config.data, config.model.num_classes)
+  val_split = sources.validation_split(config.data)
+  select = (config.select.metric, config.select.mode) if val_split else None
+  class_names = source.class_names
   total_steps = config_lib.total_steps(config, train_examples)
   warmup = config.optim.schedule.warmup_steps
   if warmup >= total_steps:
@@ -278,8 +320,9 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     if not fresh and checkpoint.has_checkpoints(workdir):
       workdir_lib.check_resumable(workdir, config_json,
                                   config_lib.base_config().to_json_best_effort())
+    abstract_state = runner.abstract_state(state)
     resume = (checkpoint.Resume() if fresh else
-              checkpoint.restore_newest(workdir, runner.abstract_state(state)))
+              checkpoint.restore_newest(workdir, abstract_state))
     start_step = resume.step
     if start_step > total_steps:
       raise workdir_lib.WorkdirError(
@@ -308,6 +351,8 @@ def run(config: ml_collections.ConfigDict, workdir: str,
       if kept:
         print(f'training on past the earlier finish: its results are kept in {kept}', flush=True)
       workdir_lib.write_json(os.path.join(workdir, workdir_lib.CONFIG_FILE), config_json)
+      workdir_lib.write_json(os.path.join(workdir, saved_model.RECORD_FILE),
+                             saved_model.make_record(config, class_names))
     skipped = source.skipped_files()
     if is_main and skipped:
       for split, files in skipped.items():
@@ -354,14 +399,17 @@ def run(config: ml_collections.ConfigDict, workdir: str,
                                        start_step=start_step, seed=config.seed,
                                        process_index=process_index, process_count=process_count)
     eval_data = pipeline.EvalBatches(source, config.data, process_index=process_index,
-                                     process_count=process_count)
-    ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
+                                     process_count=process_count, split=val_split)
+    test_data = eval_data if val_split is None else pipeline.EvalBatches(
+        source, config.data, process_index=process_index, process_count=process_count)
+    eval_name = 'eval' if val_split is None else 'val'
+    ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints, select)
     log = metrics.MetricsLog(workdir, is_main, resume_step=start_step)
     progress = metrics.Progress(total_steps, start_step)
     stop.check('before the first step')
 
     # Step, eval, save; stop after the current step when asked to.
-    step_times, eval_metrics = [], {}
+    step_times, last_eval = [], None
     last_log_time, last_log_step = time.perf_counter(), start_step
     try:
       for step in range(start_step + 1, total_steps + 1):
@@ -376,25 +424,30 @@ def run(config: ml_collections.ConfigDict, workdir: str,
           last_log_time, last_log_step = now, step
           log.write(step, 'train', values)
           progress.update(step, dict(loss=values['loss'], lr=values['lr']))
-        if (config.eval_every and step % config.eval_every == 0) or last:
-          eval_metrics = evaluate(eval_step, state, eval_data)
-          log.write(step, 'eval', eval_metrics)
+        evaluated = bool(config.eval_every and step % config.eval_every == 0) or last
+        if evaluated:
+          last_eval = evaluate(eval_step, state, eval_data, step, class_names)
+          log.write(step, eval_name, last_eval.metrics)
           if is_main:
-            print(f'step {step} eval ' + ' '.join(f'{k}={v:.4g}'
-                                                 for k, v in eval_metrics.items()), flush=True)
+            print(f'step {step} {eval_name} ' + ' '.join(
+                f'{k}={v:.4g}' for k, v in last_eval.metrics.items()), flush=True)
           last_log_time = time.perf_counter()  # keep eval out of the step times
         preempted = stop.reached(step)
-        if step % config.checkpoint_every == 0 or last or preempted:
+        selected_metrics = last_eval.metrics if evaluated and select else None
+        best = bool(selected_metrics and ckpt.improves(selected_metrics[select[0]]))
+        if step % config.checkpoint_every == 0 or last or preempted or best:
           step_check.flush()
           host_state = runner.host_state(state)
           numerics.check_state(host_state, step)
-          ckpt.save(step, host_state)
+          ckpt.save(step, host_state, selected_metrics)
         if preempted:
           ckpt.wait()
           raise Preempted.saved(step, ckpt.directory)
       step_check.flush()
-      if not eval_metrics:  # resumed at the final step: evaluate what was restored
-        eval_metrics = evaluate(eval_step, state, eval_data)
+      if last_eval is None:  # resumed at the final step: evaluate what was restored
+        last_eval = evaluate(eval_step, state, eval_data, total_steps, class_names)
+      reported = _final_evaluations(last_eval, state, ckpt, runner, abstract_state, eval_step,
+                                    test_data, eval_data, class_names, log)
     finally:
       ckpt.close()
       log.close()
@@ -403,7 +456,13 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     frozen = sum(r['params'] for r in rows if r['status'] == 'frozen')
     opt_leaves, opt_bytes = optim.state_leaf_stats(runner.host_state(state).opt_state)
     results = dict(
-        final_step=total_steps, eval=eval_metrics, wall_time_s=time.time() - wall_start,
+        final_step=total_steps, eval=reported['selected']['test'],
+        validation=(None if val_split is None else dict(
+            split=config.data.val_split, examples=source.num_examples(val_split),
+            select=dict(metric=select[0], mode=select[1]))),
+        selected_step=reported['selected']['step'],
+        last=reported['last'], best=reported['best'],
+        wall_time_s=time.time() - wall_start,
         median_step_time_s=statistics.median(step_times) if step_times else None,
         resumed_from_step=start_step or None,
         preset=config.freeze.preset, pretrained=config.init.pretrained,
@@ -417,8 +476,45 @@ def run(config: ml_collections.ConfigDict, workdir: str,
         feature_cache=None if feature_cache is None else feature_cache.summary(),
         skipped_images={split: len(files) for split, files in skipped.items()})
     if is_main:
+      report.plot_confusion(reported['selected']['test'], class_names,
+                            os.path.join(workdir, CONFUSION_FILE),
+                            f'test split, step {reported["selected"]["step"]}')
       workdir_lib.write_json(os.path.join(workdir, workdir_lib.RESULTS_FILE), results)
   return results
+
+
+CONFUSION_FILE = 'confusion_test.png'
+
+
+def _final_evaluations(last_eval: Evaluation, state, ckpt: checkpoint.Checkpointer, runner,
+                       abstract_state, eval_step, test_data: pipeline.EvalBatches,
+                       val_data: pipeline.EvalBatches, class_names: list[str] | None,
+                       log: metrics.MetricsLog) -> dict[str, Any]:
+  """The test split evaluated for the last checkpoint and, with a validation split, for the
+  selected one (restored from its checkpoint): {'last', 'best', 'selected'}, each
+  {'step', 'val', 'test'} with per-class results ('best' None without selection)."""
+  if ckpt.select is None:  # the periodic evaluation ran on the test split
+    last = dict(step=last_eval.step, val=None, test=last_eval.as_result())
+    return dict(last=last, best=None, selected=last)
+  step = last_eval.step
+  last_test = evaluate(eval_step, state, test_data, step, class_names)
+  log.write(step, 'test', last_test.metrics)
+  last = dict(step=step, val=last_eval.as_result(), test=last_test.as_result())
+  best_step = ckpt.best_step()
+  if best_step is None or best_step == step:
+    best = dict(last)
+  else:
+    best_state = runner.place_state(ckpt.restore(best_step, abstract_state))
+    best = dict(step=best_step,
+                val=evaluate(eval_step, best_state, val_data, best_step, class_names).as_result(),
+                test=evaluate(eval_step, best_state, test_data, best_step,
+                              class_names).as_result())
+  if jax.process_index() == 0:
+    metric = ckpt.select[0]
+    print(f'selected step {best["step"]} (validation {metric}={best["val"][metric]:.4g}; at '
+          f'the last step {step}: {last["val"][metric]:.4g}); test accuracy '
+          f'{best["test"]["accuracy"]:.4g} (last: {last["test"]["accuracy"]:.4g})', flush=True)
+  return dict(last=last, best=best, selected=best)
 
 
 _CONFIG = flags.DEFINE_string(

@@ -37,7 +37,8 @@ RESUMABLE_CHANGES = (
     # Layout only: checkpoints are resharded on restore.
     'sharding.rule', 'sharding.min_size_mb', 'sharding.model_axis',
 )
-RUN_FILES = (CONFIG_FILE, 'checkpoints', 'checkpoints-damaged', METRICS_FILE, RESULTS_FILE)
+RUN_FILES = (CONFIG_FILE, 'model.json', 'checkpoints', 'checkpoints-damaged', METRICS_FILE,
+             RESULTS_FILE, 'confusion_test.png')
 
 
 class WorkdirError(UserError):

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from tljax.data import image_files, preprocess
-from tljax.data.sources import DataError, Source
+from tljax.data.sources import DataError, Source, validation_split
 from tljax.data.tf_quiet import tf  # TF with accelerators hidden
 
 AUTOTUNE = -1
@@ -48,26 +48,44 @@ def train_size(source: Source, config: Mapping[str, Any]) -> int:
   return source.num_examples(config['train_split']) if chosen is None else len(chosen)
 
 
+def _split_keys(source: Source, config: Mapping[str, Any]) -> dict[str, str]:
+  """data.<key> -> split name, for the splits a run reads (val_split only when set)."""
+  keys = {'train_split': config['train_split'], 'eval_split': config['eval_split']}
+  val = validation_split(config)
+  if val is not None:
+    keys['val_split'] = val
+  return keys
+
+
 def check_splits(source: Source, config: Mapping[str, Any], num_classes: int) -> int:
-  """Training examples per epoch, once both splits are known to be usable by a model with
-  `num_classes` outputs: not empty, the dataset's class count equal to it, labels in range."""
+  """Training examples per epoch, once every split is known to be usable by a model with
+  `num_classes` outputs: not empty, the dataset's class count equal to it, labels in range,
+  and the validation split sharing no example with the training or test split."""
   if source.num_classes is not None and source.num_classes != num_classes:
     names = getattr(source, 'class_names', None)
     raise DataError(f'model.num_classes={num_classes} but the dataset has '
                     f'{source.num_classes} classes' + (f' ({", ".join(names)})' if names else ''))
+  keys = _split_keys(source, config)
+  if 'val_split' in keys:
+    for key in ('eval_split', 'train_split'):
+      if source.overlaps(keys['val_split'], keys[key]):
+        raise DataError(f'data.val_split={config["val_split"]!r} shares examples with '
+                        f'data.{key}={keys[key]!r}; validation must be disjoint from both the '
+                        'training and the test split (e.g. train[:90%] / train[90%:], or a '
+                        'fraction such as 0.1)')
   train_examples = train_size(source, config)
-  for key in ('train_split', 'eval_split'):
-    source.check_channels(config[key], int(config.get('channels', 3)))
-  for key, size in (('train_split', train_examples),
-                    ('eval_split', source.num_examples(config['eval_split']))):
+  for split in keys.values():
+    source.check_channels(split, int(config.get('channels', 3)))
+  for key, split in keys.items():
+    size = train_examples if key == 'train_split' else source.num_examples(split)
     if size == 0:
-      raise DataError(f'split {config[key]!r} (data.{key}) has no examples')
+      raise DataError(f'split {split!r} (data.{key}) has no examples')
   if source.num_classes is None:  # labels of arrays: nothing else bounds them
-    for key in ('train_split', 'eval_split'):
-      labels = source.labels(config[key])
+    for key in keys:
+      labels = source.labels(keys[key])
       bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
       if bad.size:
-        raise DataError(f'label {labels[bad[0]]} of example {bad[0]} in split {config[key]!r} '
+        raise DataError(f'label {labels[bad[0]]} of example {bad[0]} in split {keys[key]!r} '
                         f'(data.{key}) is outside [0, {num_classes}) (model.num_classes); '
                         f'{bad.size} labels are out of range')
   if source.labels_in_memory:  # a class never seen in training is one the model cannot learn
@@ -198,12 +216,12 @@ class EvalBatches:
   """
 
   def __init__(self, source: Source, config: Mapping[str, Any], *, process_index: int = 0,
-               process_count: int = 1):
-    split = self.split = config['eval_split']
+               process_count: int = 1, split: str | None = None):
+    split = self.split = split or config['eval_split']
     self.source = source
     total = source.num_examples(split)
     if total == 0:
-      raise DataError(f'split {split!r} (data.eval_split) is empty')
+      raise DataError(f'split {split!r} is empty')
     self.local_batch = int(config.get('eval_batch_size') or config['batch_size']) // process_count
     self.num_batches = math.ceil(math.ceil(total / process_count) / self.local_batch)
     size, channels = int(config['image_size']), int(config.get('channels', 3))

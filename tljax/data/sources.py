@@ -12,6 +12,7 @@ import importlib.util
 import math
 import os
 import struct
+import types
 import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
+from tljax import config as config_lib
 from tljax import npz
 from tljax.data import image_files
 from tljax.data.tf_quiet import tf  # TF with accelerators hidden
@@ -35,6 +37,7 @@ class DataError(UserError):
 class Source:
   """Interface: records, labels and size of each split, and how to decode an image."""
   num_classes: int | None = None
+  class_names: list[str] | None = None  # label order; None where the data has no names
   labels_in_memory = True  # labels() costs nothing (not a scan of a whole dataset)
 
   def records(self, split: str) -> tf.data.Dataset:
@@ -61,6 +64,11 @@ class Source:
     """Refuses stored images the pipeline cannot turn into `channels` channels (encoded files
     are decoded to the channels asked for)."""
 
+  def overlaps(self, split: str, other: str) -> bool:
+    """Whether two split names can share examples (different names of a folder or of arrays
+    cannot; TFDS slices and ELPV's 'all' say so themselves)."""
+    return split == other
+
 
 class TfdsSource(Source):
   """A TFDS dataset already prepared in `data_dir` (or mocked with tfds.testing.mock_data)."""
@@ -82,6 +90,25 @@ class TfdsSource(Source):
         raise DataError(f'TFDS dataset {name!r} has no feature {key!r} (data.image_key / '
                         f'data.label_key); it has {sorted(features)}')
     self.num_classes = getattr(features[label_key], 'num_classes', None)
+    names = getattr(features[label_key], 'names', None)
+    self.class_names = list(names) if names else None
+
+  def overlaps(self, split: str, other: str) -> bool:
+    """Whether two TFDS split strings ('train[:90%]', 'train[90%:]+test') share examples."""
+    def ranges(spec: str) -> list[tuple[str, int, int]]:
+      try:
+        instruction = tfds.core.ReadInstruction.from_spec(spec)
+        bases = {part.split('[')[0].strip() for part in spec.split('+')}
+        sizes = {base: types.SimpleNamespace(num_examples=self.num_examples(base))
+                 for base in bases}
+        return [(a.splitname, a.from_ or 0,
+                 sizes[a.splitname].num_examples if a.to is None else a.to)
+                for a in instruction.to_absolute(sizes)]
+      except (ValueError, AssertionError, KeyError) as e:
+        raise DataError(f'TFDS dataset {self.name!r}: split {spec!r} cannot be read: '
+                        f'{" ".join(str(e).split())[:200]}') from None
+    return any(a == b and max(lo, lo2) < min(hi, hi2)
+               for a, lo, hi in ranges(split) for b, lo2, hi2 in ranges(other))
 
   def _dataset(self, split: str) -> tf.data.Dataset:
     try:
@@ -312,9 +339,10 @@ class ClassSubset(Source):
       raise DataError(f'data.classes={tuple(self.classes)} names class id(s) {outside} but the '
                       f'dataset has classes 0..{source.num_classes - 1}')
     self.num_classes = len(self.classes)
-    names = getattr(source, 'class_names', None)  # else the ids the config named them by
+    names = source.class_names  # else the ids the config named them by
     self.class_names = ([names[c] for c in self.classes] if names
                         else [str(c) for c in self.classes])
+    self.overlaps = source.overlaps
     self.labels_in_memory = source.labels_in_memory
     self.check_channels = source.check_channels
     self.decode = source.decode
@@ -383,6 +411,10 @@ class ElpvSource(Source):
   """
   TEST_FRACTION, SPLIT_SEED = 0.25, 0
   num_classes = len(ELPV_CLASSES)
+  class_names = list(ELPV_CLASSES)
+
+  def overlaps(self, split: str, other: str) -> bool:
+    return split == other or 'all' in (split, other)
 
   def __init__(self, root: str | None = None, skip_corrupt: bool = False,
                max_pixels: int = DEFAULT_MAX_PIXELS):
@@ -474,4 +506,82 @@ def make_source(config: Mapping[str, Any]) -> Source:
     raise DataError(f"data.source must be 'tfds', 'folder', 'npz', 'idx' or 'elpv', got {kind!r}")
   if config.get('classes'):
     source = ClassSubset(source, config['classes'])
-  return source
+  return with_validation(source, config)
+
+
+def with_validation(source: Source, config: Mapping[str, Any]) -> Source:
+  """`source` with the fraction data.val_split holds out of the training split (if it is a
+  fraction) set apart as split HELD_OUT_SPLIT."""
+  fraction = config_lib.held_out_fraction(config.get('val_split'))
+  if fraction is None or isinstance(source, HeldOut):
+    return source
+  return HeldOut(source, config['train_split'], fraction, int(config.get('val_seed', 0)))
+
+
+HELD_OUT_SPLIT = '<held out of the training split>'  # no folder, array or TFDS split name
+
+
+def validation_split(config: Mapping[str, Any]) -> str | None:
+  """The split name periodic evaluation and selection run on; None without one."""
+  val_split = config.get('val_split')
+  if val_split is None or val_split == '':
+    return None
+  return HELD_OUT_SPLIT if config_lib.held_out_fraction(val_split) is not None else str(val_split)
+
+
+class HeldOut(Source):
+  """`fraction` of `train_split` held out as split HELD_OUT_SPLIT, seeded and stratified by
+  class, before any k-per-class sampling: the training split then holds only the rest, so the
+  two never share an example. Every class must keep examples on both sides."""
+
+  def __init__(self, source: Source, train_split: str, fraction: float, seed: int):
+    self.source, self.train_split = source, train_split
+    self.num_classes, self.class_names = source.num_classes, source.class_names
+    self.labels_in_memory = source.labels_in_memory
+    self.decode, self.skipped_files = source.decode, source.skipped_files
+    labels = source.labels(train_split)
+    train, held = stratified_split(labels, fraction, seed)
+    classes = np.unique(labels)
+    for name, part in (('validation', held), ('training', train)):
+      counts = np.bincount(labels[part], minlength=int(classes.max()) + 1 if classes.size else 0)
+      empty = [int(c) for c in classes if counts[c] == 0]
+      if empty:
+        shown = [self.class_names[c] if self.class_names and c < len(self.class_names) else c
+                 for c in empty]
+        raise DataError(
+            f'data.val_split={fraction:g} of split {train_split!r} leaves class(es) {shown} with '
+            f'no {name} example ({", ".join(str(int((labels == c).sum())) for c in empty)} '
+            'example(s) in all); choose another fraction, or give a split name')
+    self.indices = {train_split: train, HELD_OUT_SPLIT: held}
+
+  def _base(self, split: str) -> str:
+    return self.train_split if split == HELD_OUT_SPLIT else split
+
+  def overlaps(self, split: str, other: str) -> bool:
+    if {split, other} == {HELD_OUT_SPLIT, self.train_split}:
+      return False
+    return split == other or self.source.overlaps(self._base(split), self._base(other))
+
+  def records(self, split: str) -> tf.data.Dataset:
+    records = self.source.records(self._base(split))
+    if split not in self.indices:
+      return records
+    keep = np.zeros(self.source.num_examples(self.train_split), bool)
+    keep[self.indices[split]] = True
+    table = tf.constant(keep)
+    return records.enumerate().filter(lambda i, _: table[i]).map(lambda _, r: r)
+
+  def labels(self, split: str) -> np.ndarray:
+    labels = self.source.labels(self._base(split))
+    return labels[self.indices[split]] if split in self.indices else labels
+
+  def num_examples(self, split: str) -> int:
+    if split in self.indices:
+      return len(self.indices[split])
+    return self.source.num_examples(split)
+
+  def corrupt_files(self, split: str) -> dict[str, str]:
+    return self.source.corrupt_files(self._base(split))
+
+  def check_channels(self, split: str, channels: int) -> None:
+    self.source.check_channels(self._base(split), channels)

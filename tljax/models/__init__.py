@@ -29,12 +29,14 @@ Converter = Callable[..., dict]
 @dataclasses.dataclass(frozen=True)
 class ModelEntry:
   """A registered model: its factory, ordered STAGES, converters from outside layouts, shape
-  adapters applied when loading (e.g. ViT position embeddings), and an example input maker."""
+  adapters applied when loading (e.g. ViT position embeddings), an example input maker, and
+  exporters to outside layouts (the converters' inverses)."""
   build: Callable[..., nn.Module]
   stages: tuple[str, ...]
   converters: Mapping[str, Converter] = dataclasses.field(default_factory=dict)
   resizers: Mapping[str, Callable] = dataclasses.field(default_factory=dict)
   example_input: Callable[[int, int], tuple] = _image_input
+  exporters: Mapping[str, Callable[[Mapping], dict]] = dataclasses.field(default_factory=dict)
 
 
 _RESNET = dict(torchvision=resnet.from_torchvision, timm=resnet.from_torchvision, hf=resnet.from_hf)
@@ -42,7 +44,7 @@ _RESNET = dict(torchvision=resnet.from_torchvision, timm=resnet.from_torchvision
 
 def _resnet(stage_sizes: tuple[int, ...], block: type[nn.Module]) -> ModelEntry:
   return ModelEntry(functools.partial(resnet.ResNet, stage_sizes=stage_sizes, block=block),
-                    resnet.STAGES, _RESNET)
+                    resnet.STAGES, _RESNET, exporters=dict(torchvision=resnet.to_torchvision))
 
 
 def _efficientnet_lite(variant: int) -> ModelEntry:
@@ -74,7 +76,8 @@ MODELS: dict[str, ModelEntry] = {
     'resnet50': _resnet((3, 4, 6, 3), resnet.Bottleneck),
     'resnet101': _resnet((3, 4, 23, 3), resnet.Bottleneck),
     'mobilenet_v2': ModelEntry(mobilenet_v2.MobileNetV2, mobilenet_v2.STAGES,
-                               dict(torchvision=mobilenet_v2.from_torchvision)),
+                               dict(torchvision=mobilenet_v2.from_torchvision),
+                               exporters=dict(torchvision=mobilenet_v2.to_torchvision)),
     **{f'efficientnet_lite{v}': _efficientnet_lite(v) for v in efficientnet_lite.VARIANTS},
     'vit_ti16': _vit('ti', 16), 'vit_s16': _vit('s', 16), 'vit_b16': _vit('b', 16),
     'vit_b32': _vit('b', 32), 'vit_l16': _vit('l', 16),
@@ -99,12 +102,17 @@ def build_model(name: str, **kwargs) -> nn.Module:
 
 
 def init_variables(model: nn.Module, image_size: int, channels: int = 3, seed: int = 0,
-                   example_input: Callable[[int, int], tuple] = _image_input) -> dict:
+                   example_input: Callable[[int, int], tuple] = _image_input,
+                   shapes_only: bool = False) -> dict:
   """Fresh variables (`params`, `batch_stats`) of `model` for square images of `image_size`
-  (or sequences of that length, with `example_input` of a text model)."""
+  (or sequences of that length, with `example_input` of a text model). `shapes_only`: their
+  jax.ShapeDtypeStructs from jax.eval_shape, which neither compiles nor runs the init (for
+  variables a checkpoint then fills in)."""
   try:
     inputs = example_input(image_size, channels)
-    return jax.jit(lambda key: model.init(key, *inputs, train=False))(jax.random.key(seed))
+    init = lambda key: model.init(key, *inputs, train=False)  # noqa: E731
+    key = jax.random.key(seed)
+    return jax.eval_shape(init, key) if shapes_only else jax.jit(init)(key)
   except (TypeError, ValueError, ZeroDivisionError, jax.errors.JaxRuntimeError) as e:
     # e.g. a width of -4, or an image size whose activations do not fit in memory
     settings = {k: v for k, v in vars(model).items()  # the config's values, not internals

@@ -8,9 +8,14 @@ one table shows every problem.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import numpy as np
+
+from tljax.errors import UserError
+
+# A layer of a layout's mapping: (kind 'conv' | 'bn' | 'dense', source module, tljax module).
+Pair = tuple[str, str, str]
 
 # Buffers that hold no learned value in their frameworks and have no tljax counterpart.
 IGNORED_SUFFIXES = ('num_batches_tracked', 'position_ids')
@@ -94,8 +99,67 @@ class TorchLayout:
       self.put(f'{dst}/out/kernel', weight.T.reshape(num_heads, in_dim // num_heads, out_dim))
     self.put(f'{dst}/out/bias', bias)
 
+  def apply(self, pairs: Iterator[Pair]) -> dict[str, np.ndarray]:
+    """Converts every (kind, source, tljax) layer of a mapping; returns `result()`."""
+    for kind, source, destination in pairs:
+      dict(conv=self.conv, bn=self.batch_norm, dense=self.dense)[kind](source, destination)
+    return self.result()
+
   def result(self) -> dict[str, np.ndarray]:
     """Converted arrays plus every source tensor no rule took, under `unconverted/`."""
     left = {f'unconverted/{k}': v for k, v in self.source.items()
             if k not in self.taken and not k.endswith(IGNORED_SUFFIXES)}
     return {**self.out, **left}
+
+
+class TorchWriter:
+  """The inverse of TorchLayout for conv, BatchNorm and dense layers: flat tljax variables
+  (`params/a/b/kernel`) to a PyTorch state dict (`a.b.weight`, OIHW convs, (out, in) Linear
+  weights, BatchNorm running statistics and its `num_batches_tracked` counter)."""
+
+  def __init__(self, flat: Mapping[str, np.ndarray]):
+    self.flat = dict(flat)
+    self.used: set[str] = set()
+    self.out: dict[str, np.ndarray] = {}
+
+  def has(self, path: str) -> bool:
+    return f'params/{path}/kernel' in self.flat or f'params/{path}/scale' in self.flat
+
+  def _take(self, key: str) -> np.ndarray | None:
+    if key not in self.flat:
+      return None
+    self.used.add(key)
+    return np.ascontiguousarray(self.flat[key])
+
+  def _put(self, module: str, name: str, value: np.ndarray | None) -> None:
+    if value is not None:
+      self.out[f'{module.replace("/", ".")}.{name}'] = value
+
+  def conv(self, module: str, path: str) -> None:
+    kernel = self._take(f'params/{path}/kernel')
+    self._put(module, 'weight', None if kernel is None
+              else np.ascontiguousarray(kernel.transpose(3, 2, 0, 1)))
+    self._put(module, 'bias', self._take(f'params/{path}/bias'))
+
+  def dense(self, module: str, path: str) -> None:
+    kernel = self._take(f'params/{path}/kernel')
+    self._put(module, 'weight', None if kernel is None else np.ascontiguousarray(kernel.T))
+    self._put(module, 'bias', self._take(f'params/{path}/bias'))
+
+  def batch_norm(self, module: str, path: str) -> None:
+    self._put(module, 'weight', self._take(f'params/{path}/scale'))
+    self._put(module, 'bias', self._take(f'params/{path}/bias'))
+    self._put(module, 'running_mean', self._take(f'batch_stats/{path}/mean'))
+    self._put(module, 'running_var', self._take(f'batch_stats/{path}/var'))
+    self._put(module, 'num_batches_tracked', np.zeros((), np.int64))
+
+  def apply(self, pairs: Iterator[Pair], layout: str) -> dict[str, np.ndarray]:
+    """The state dict of every layer of a mapping; a tljax variable the layout has no place
+    for is an error naming it."""
+    for kind, module, path in pairs:
+      dict(conv=self.conv, bn=self.batch_norm, dense=self.dense)[kind](module, path)
+    left = sorted(set(self.flat) - self.used)
+    if left:
+      raise UserError(f'the {layout} layout has no place for {len(left)} variable(s) of this '
+                      f'model: {", ".join(left[:5])}; export it in the tljax layout instead')
+    return self.out

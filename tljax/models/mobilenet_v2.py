@@ -6,14 +6,14 @@ Stages group torchvision's `features` by output width: `stem` (features.0), `sta
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tljax.models.convert import TorchLayout
+from tljax.models.convert import Pair, TorchLayout, TorchWriter
 from tljax.models.layers import DepthwiseConv, NormSpec, batch_norm, conv
 
 STAGES = ('stem', 'stage1', 'stage2', 'stage3', 'stage4', 'stage5', 'stage6', 'stage7',
@@ -111,12 +111,11 @@ class MobileNetV2(nn.Module):
     return nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, name='head')(x)
 
 
-def from_torchvision(flat: Mapping[str, np.ndarray], model: nn.Module | None = None
-                     ) -> dict[str, np.ndarray]:
-  """torchvision MobileNetV2 state dict (`features/3/conv/1/0/weight`) -> tljax variables."""
-  src = TorchLayout(flat)
-  src.conv('features/0/0', 'stem/conv')
-  src.batch_norm('features/0/1', 'stem/bn')
+def torchvision_pairs() -> Iterator[Pair]:
+  """(kind, torchvision module, tljax module) of every layer (the converters' one mapping both
+  ways)."""
+  yield 'conv', 'features/0/0', 'stem/conv'
+  yield 'bn', 'features/0/1', 'stem/bn'
   feature = 1
   for stage, (expansion, _, num_blocks, _) in enumerate(INVERTED_RESIDUAL_SETTINGS, start=1):
     for block in range(num_blocks):
@@ -126,10 +125,19 @@ def from_torchvision(flat: Mapping[str, np.ndarray], model: nn.Module | None = N
       layers += [(f'{first}/0', 'dw_conv'), (f'{first}/1', 'dw_bn'),
                  (f'{first + 1}', 'project_conv'), (f'{first + 2}', 'project_bn')]
       for s_name, d_name in layers:
-        convert = src.batch_norm if d_name.endswith('_bn') else src.conv
-        convert(f'{s}/{s_name}', f'{d}/{d_name}')
+        yield ('bn' if d_name.endswith('_bn') else 'conv'), f'{s}/{s_name}', f'{d}/{d_name}'
       feature += 1
-  src.conv(f'features/{feature}/0', 'final/conv')
-  src.batch_norm(f'features/{feature}/1', 'final/bn')
-  src.dense('classifier/1', 'head')
-  return src.result()
+  yield 'conv', f'features/{feature}/0', 'final/conv'
+  yield 'bn', f'features/{feature}/1', 'final/bn'
+  yield 'dense', 'classifier/1', 'head'
+
+
+def from_torchvision(flat: Mapping[str, np.ndarray], model: nn.Module | None = None
+                     ) -> dict[str, np.ndarray]:
+  """torchvision MobileNetV2 state dict (`features/3/conv/1/0/weight`) -> tljax variables."""
+  return TorchLayout(flat).apply(torchvision_pairs())
+
+
+def to_torchvision(flat: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """tljax variables -> a torchvision MobileNetV2 state dict (`load_state_dict(strict=True)`)."""
+  return TorchWriter(flat).apply(torchvision_pairs(), 'torchvision')

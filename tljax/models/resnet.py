@@ -6,14 +6,14 @@ Parameter paths follow torchvision so converters stay plain: `stem/conv1`, `stem
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tljax.models.convert import TorchLayout
+from tljax.models.convert import Pair, TorchLayout, TorchWriter
 from tljax.models.layers import NormSpec, batch_norm, conv
 
 STAGES = ('stem', 'layer1', 'layer2', 'layer3', 'layer4', 'head')
@@ -114,26 +114,38 @@ class ResNet(nn.Module):
     return nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, name='head')(x)
 
 
+def torchvision_pairs(exists: Callable[[str, str], bool]) -> Iterator[Pair]:
+  """(kind, torchvision module, tljax module) of every layer; `exists(torchvision, tljax)`
+  tells which blocks and convs the model at hand has (the converters' one mapping both ways)."""
+  yield 'conv', 'conv1', 'stem/conv1'
+  yield 'bn', 'bn1', 'stem/bn1'
+  for layer in range(1, 5):
+    block = 0
+    while exists(f'layer{layer}/{block}/conv1', f'layer{layer}/block{block}/conv1'):
+      s, d = f'layer{layer}/{block}', f'layer{layer}/block{block}'
+      i = 1
+      while exists(f'{s}/conv{i}', f'{d}/conv{i}'):  # two convs in a basic block, three in a
+        yield 'conv', f'{s}/conv{i}', f'{d}/conv{i}'  # bottleneck
+        yield 'bn', f'{s}/bn{i}', f'{d}/bn{i}'
+        i += 1
+      if exists(f'{s}/downsample/0', f'{d}/downsample/conv'):
+        yield 'conv', f'{s}/downsample/0', f'{d}/downsample/conv'
+        yield 'bn', f'{s}/downsample/1', f'{d}/downsample/bn'
+      block += 1
+  yield 'dense', 'fc', 'head'
+
+
 def from_torchvision(flat: Mapping[str, np.ndarray], model: nn.Module | None = None
                      ) -> dict[str, np.ndarray]:
   """torchvision or timm ResNet state dict (`layer1/0/conv1/weight`, `fc`) -> tljax variables."""
   src = TorchLayout(flat)
-  src.conv('conv1', 'stem/conv1')
-  src.batch_norm('bn1', 'stem/bn1')
-  for layer in range(1, 5):
-    block = 0
-    while src.has(f'layer{layer}/{block}/conv1/weight'):
-      s, d = f'layer{layer}/{block}', f'layer{layer}/block{block}'
-      i = 1
-      while src.has(f'{s}/conv{i}/weight'):  # two convs in a basic block, three in a bottleneck
-        src.conv(f'{s}/conv{i}', f'{d}/conv{i}')
-        src.batch_norm(f'{s}/bn{i}', f'{d}/bn{i}')
-        i += 1
-      src.conv(f'{s}/downsample/0', f'{d}/downsample/conv')
-      src.batch_norm(f'{s}/downsample/1', f'{d}/downsample/bn')
-      block += 1
-  src.dense('fc', 'head')
-  return src.result()
+  return src.apply(torchvision_pairs(lambda torch_name, _: src.has(f'{torch_name}/weight')))
+
+
+def to_torchvision(flat: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """tljax variables -> a torchvision ResNet state dict (`load_state_dict(strict=True)`)."""
+  out = TorchWriter(flat)
+  return out.apply(torchvision_pairs(lambda _, path: out.has(path)), 'torchvision')
 
 
 def from_hf(flat: Mapping[str, np.ndarray], model: nn.Module | None = None

@@ -41,21 +41,21 @@ def merge(fresh: Mapping[str, Any], loaded: Mapping[str, np.ndarray],
   report: dict[str, list[str]] = dict(loaded=[], kept_fresh=[], resized=[], missing=[],
                                       mismatched=[], unexpected=[])
   for path, value in flat.items():
-    shape = tuple(np.shape(value))
+    shape = tuple(value.shape)  # arrays, or jax.ShapeDtypeStructs of a model never run
     if _skipped(path, patterns):
       report['kept_fresh'].append(path)
     elif path not in loaded:
       report['missing'].append(path)
     elif tuple(loaded[path].shape) != shape and path in resizers:
-      flat[path] = np.asarray(resizers[path](loaded[path], shape), np.asarray(value).dtype)
+      flat[path] = np.asarray(resizers[path](loaded[path], shape), value.dtype)
       report['resized'].append(f'{path}: {tuple(loaded[path].shape)} -> {shape}')
     elif tuple(loaded[path].shape) != shape:
       report['mismatched'].append(
           f'{path}: checkpoint {tuple(loaded[path].shape)} vs model {shape}')
-    elif _unusable(loaded[path], np.asarray(value).dtype):
-      report['mismatched'].append(f'{path}: {_unusable(loaded[path], np.asarray(value).dtype)}')
+    elif _unusable(loaded[path], value.dtype):
+      report['mismatched'].append(f'{path}: {_unusable(loaded[path], value.dtype)}')
     else:
-      flat[path] = np.asarray(loaded[path], dtype=np.asarray(value).dtype)
+      flat[path] = np.asarray(loaded[path], dtype=value.dtype)
       report['loaded'].append(path)
   report['unexpected'] = [p for p in loaded if p not in flat and not _skipped(p, patterns)]
   errors = {k: report[k] for k in ('missing', 'mismatched', 'unexpected') if report[k]}
@@ -110,3 +110,19 @@ def load_pretrained(source: str, model_name: str, model: Any, fresh: Mapping[str
   """`fresh` variables with `source`'s arrays merged in, and the merge report."""
   converted = convert(source, model_name, model, layout)
   return merge(fresh, converted, dont_load, models.get_entry(model_name).resizers)
+
+
+def load_pretrained_lazily(source: str, model_name: str, model: Any, init: Callable[..., Any],
+                           dont_load: Sequence[str] = (), layout: str | None = None
+                           ) -> tuple[dict[str, Any], dict[str, list[str]]]:
+  """As `load_pretrained`, with `init(shapes_only=...)` giving the fresh variables: the merge
+  runs on their shapes (jax.eval_shape), and the random init is compiled and run only when a
+  variable is kept fresh (a new head). Of a 30 s prediction on one image, 21 s were that init."""
+  variables, report = load_pretrained(source, model_name, model, init(shapes_only=True),
+                                      dont_load, layout)
+  if report['kept_fresh']:
+    fresh = traverse_util.flatten_dict(init(), sep='/')
+    flat = traverse_util.flatten_dict(variables, sep='/')
+    variables = traverse_util.unflatten_dict(
+        {k: fresh[k] if k in report['kept_fresh'] else v for k, v in flat.items()}, sep='/')
+  return variables, report

@@ -1,0 +1,109 @@
+"""A fine-tuned run's variables as one .safetensors file, for use outside its workdir.
+
+  python -m tljax.export --workdir DIR --out FILE.safetensors [--step best|last|N]
+                         [--layout tljax|torchvision] [--force]
+
+Layout 'tljax' (the default) stores the parameters and BatchNorm statistics under their Flax
+paths (`params/stem/conv/kernel`); `tljax.create(name, num_classes=N, pretrained=FILE)` and
+`init.pretrained=FILE` read it back. Layout 'torchvision' (ResNets and MobileNetV2) stores
+torchvision's state-dict keys and tensor layouts, so PyTorch loads it with
+`model.load_state_dict(safetensors.torch.load_file(FILE), strict=True)`. Either way the file's
+metadata holds the class names, the preprocessing and the model config (JSON strings).
+Nothing is written over an existing file without --force, and a file is written whole or not
+at all. Exit status: 0 done, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from flax import traverse_util
+
+from tljax.errors import UserError
+
+LAYOUTS = ('tljax', 'torchvision')
+
+
+def check_output(path: str, force: bool) -> None:
+  """Refuses an output file that is not .safetensors, would replace a file without --force, or
+  lies in a folder that does not exist or cannot be written."""
+  if not path.endswith('.safetensors'):
+    raise UserError(f'--out {path} must end in .safetensors')
+  if os.path.isdir(path):
+    raise UserError(f'--out {path} is a directory; name a file')
+  if os.path.lexists(path) and not force:
+    raise UserError(f'--out {path} exists; pass --force to replace it, or name another file')
+  parent = os.path.dirname(os.path.abspath(path))
+  if not os.path.isdir(parent):
+    raise UserError(f'--out {path}: the folder {parent} does not exist')
+  if not os.access(parent, os.W_OK):
+    raise UserError(f'--out {path}: the folder {parent} is not writable')
+
+
+def tensors(variables: dict[str, Any], model_name: str, layout: str) -> dict[str, np.ndarray]:
+  """The arrays to store: flat Flax paths, or the model's exporter to an outside layout."""
+  from tljax.models import get_entry
+  flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(
+      {'params': variables['params'], 'batch_stats': variables.get('batch_stats') or {}},
+      sep='/').items()}
+  if layout == 'tljax':
+    return flat
+  exporters = get_entry(model_name).exporters
+  if layout not in exporters:
+    raise UserError(f'--layout {layout}: model {model_name!r} exports to '
+                    f'{", ".join(["tljax", *sorted(exporters)])}')
+  return exporters[layout](flat)
+
+
+def export(workdir: str, out: str, step: str | int = 'best', layout: str = 'tljax',
+           force: bool = False) -> dict[str, str]:
+  """Writes checkpoint `step` of `workdir` to `out` in `layout`; returns the metadata."""
+  from safetensors.numpy import save_file
+
+  from tljax import saved_model
+  if layout not in LAYOUTS:
+    raise UserError(f'--layout {layout!r} must be one of {", ".join(LAYOUTS)}')
+  check_output(out, force)
+  _, variables, record = saved_model.load(workdir, step)
+  arrays = tensors(variables, record['model']['name'], layout)
+  metadata = dict(format='tljax', layout=layout, step=str(record['step']),
+                  model=json.dumps(record['model']),
+                  class_names=json.dumps(record.get('class_names')),
+                  preprocessing=json.dumps(record['preprocessing']))
+  partial = f'{out}.partial'
+  try:
+    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, partial, metadata)
+    os.replace(partial, out)
+  except Exception as e:  # noqa: BLE001 (OSError, or safetensors' own error for a failed write)
+    if os.path.exists(partial):
+      os.remove(partial)
+    reason = getattr(e, 'strerror', None) or ' '.join(str(e).split())[:200]
+    raise UserError(f'could not write {out}: {reason}') from None
+  return metadata
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(prog='python -m tljax.export',
+                                   description=__doc__.split('\n')[0])
+  parser.add_argument('--workdir', required=True, help='a tljax run')
+  parser.add_argument('--out', required=True, help='the .safetensors file to write')
+  parser.add_argument('--step', default='best', help="'best', 'last' or a step number")
+  parser.add_argument('--layout', default='tljax', choices=LAYOUTS)
+  parser.add_argument('--force', action='store_true', help='replace an existing --out file')
+  args = parser.parse_args(argv)
+  try:
+    metadata = export(args.workdir, args.out, args.step, args.layout, args.force)
+  except UserError as e:
+    print('error: ' + ' '.join(str(e).splitlines()), file=sys.stderr)
+    sys.exit(2)
+  print(f'wrote {args.out}: step {metadata["step"]} of {args.workdir}, {args.layout} layout')
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,125 @@
+"""A workdir as a model: what a run records to be used later, and loading it back.
+
+A run writes `model.json` beside config.json before its first step: the class names (folder
+names, TFDS label names, ELPV grades), the preprocessing its evaluation used (image size,
+resize, channels, mean and std) and the model config. `load` rebuilds the model and restores
+the variables of the checkpoint asked for: 'last', 'best' (the one selected on the validation
+split) or a step number.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import ml_collections
+
+from tljax.errors import UserError
+
+RECORD_FILE = 'model.json'
+RESIZE_METHOD = 'bilinear, antialiased: shorter side to resize_size, then a central crop'
+
+
+def make_record(config: ml_collections.ConfigDict, class_names: Sequence[str] | None
+                ) -> dict[str, Any]:
+  """What `load` and `predict` need from a run, from its resolved config."""
+  from tljax.data import preprocess, sources
+  data = config.data
+  names = list(class_names) if class_names and len(class_names) == config.model.num_classes \
+      else None
+  return dict(
+      model=config.model.to_dict(),
+      class_names=names,
+      preprocessing=dict(
+          image_size=data.image_size,
+          resize_size=preprocess.resize_size(data) if data.augment else data.image_size,
+          resize=RESIZE_METHOD, channels=data.channels,
+          mean=list(data.mean or preprocess.IMAGENET_MEAN),
+          std=list(data.std or preprocess.IMAGENET_STD)),
+      select=(dict(config.select) if sources.validation_split(data) is not None else None))
+
+
+def read_record(workdir: str) -> dict[str, Any]:
+  """model.json of `workdir`; for a workdir written before tljax recorded it, the same
+  fields from its config.json (without class names)."""
+  path = os.path.join(workdir, RECORD_FILE)
+  try:
+    if os.path.isfile(path):
+      with open(path, encoding='utf-8') as f:
+        record = json.load(f)
+      if not isinstance(record, dict) or not isinstance(record.get('model'), dict) \
+          or not isinstance(record.get('preprocessing'), dict):
+        raise ValueError('not a tljax model record')
+      return record
+    config_path = os.path.join(workdir, 'config.json')
+    if not os.path.isfile(config_path):
+      raise UserError(f'{workdir} is not a tljax workdir: it has neither {RECORD_FILE} nor '
+                      'config.json')
+    with open(config_path, encoding='utf-8') as f:
+      config = ml_collections.ConfigDict(json.load(f))
+  except (OSError, ValueError) as e:
+    raise UserError(f'{path} cannot be read ({type(e).__name__}: {str(e)[:100]})') from None
+  from tljax import config as config_lib
+  try:
+    return make_record(config_lib.resolve(config), None)
+  except (KeyError, TypeError, AttributeError, UserError) as e:
+    raise UserError(f'{workdir}/config.json does not describe a tljax run ({e})') from None
+
+
+def resolve_step(workdir: str, step: str | int, record: dict[str, Any]) -> int | None:
+  """The step number `step` ('best', 'last' or a number) names in `workdir`; None for 'last'
+  (the newest checkpoint that restores). 'best' without a validation split is the last."""
+  from tljax import checkpoint
+  directory = os.path.join(workdir, 'checkpoints')
+  steps = checkpoint.step_names(directory)
+  if not steps:
+    raise UserError(f'{workdir} holds no checkpoints (no {directory}/<step>); train first, '
+                    'or name the workdir of a run that saved one')
+  if step == 'last':
+    return None
+  if step == 'best':
+    select = record.get('select')
+    if not select:
+      return None
+    import orbax.checkpoint as ocp
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+    with ocp.CheckpointManager(os.path.abspath(directory), options=options) as manager:
+      best = checkpoint.best_step(manager, select['metric'], select['mode'])
+    if best is None:
+      raise UserError(f'{workdir}: no checkpoint was saved with validation metrics, so none is '
+                      "selected; use --step last or a step number")
+    return best
+  try:
+    number = int(step)
+  except (TypeError, ValueError):
+    raise UserError(f"step {step!r} must be 'best', 'last' or a step number") from None
+  if number not in steps:
+    raise UserError(f'{workdir} has no checkpoint of step {number}; it has steps '
+                    f'{", ".join(map(str, sorted(steps)))}')
+  return number
+
+
+def _tuples(value: Any) -> Any:
+  """JSON lists back to the tuples a model config holds (module fields must be hashable)."""
+  return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def load(workdir: str, step: str | int = 'best') -> tuple[Any, dict[str, Any], dict[str, Any]]:
+  """(model, variables {'params', 'batch_stats'}, record) of a tljax workdir's checkpoint
+  `step`: 'best' (selected on the validation split; the last without one), 'last' or a step
+  number. `record` is model.json with the restored 'step' added."""
+  from tljax import checkpoint
+  from tljax.models import build_model
+  record = read_record(workdir)
+  number = resolve_step(workdir, step, record)
+  resume = checkpoint.restore_newest(workdir, None, only=number)
+  if resume.state is None:
+    damaged = '; '.join(f'step {s}: {reason}' for s, reason in resume.damaged)
+    raise UserError(f'{workdir}: no readable checkpoint' + (f' ({damaged})' if damaged else ''))
+  kwargs = {k: _tuples(v) for k, v in record['model'].items() if k != 'name'}
+  model = build_model(record['model']['name'], **kwargs)
+  variables = {'params': resume.state['params'],
+               'batch_stats': resume.state.get('batch_stats') or {}}
+  return model, variables, {**record, 'step': resume.step}
