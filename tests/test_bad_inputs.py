@@ -472,3 +472,17 @@ def test_hidden_folders_are_not_splits_or_classes_and_a_file_is_not_a_folder(tmp
   (tmp_path / 'file').write_text('x')
   with pytest.raises(sources.DataError, match="'.*file' \\(data.path\\) is not a directory"):
     sources.FolderSource(str(tmp_path / 'file'))
+
+
+def test_a_bmp_decodes_to_one_channel_like_any_other_format(tmp_path):
+  from PIL import Image
+
+  from tljax.data import image_files
+  from tljax.data.tf_quiet import tf
+  pixels = np.random.default_rng(0).integers(0, 255, (6, 5, 3)).astype(np.uint8)
+  Image.fromarray(pixels).save(tmp_path / 'cell.bmp')
+  Image.fromarray(pixels).save(tmp_path / 'cell.png')
+  gray = [image_files.decode(tf.io.read_file(str(tmp_path / name)), 1).numpy()
+          for name in ('cell.bmp', 'cell.png')]
+  assert gray[0].shape == gray[1].shape == (6, 5, 1)  # the same gray, up to rounding
+  assert np.abs(gray[0].astype(int) - gray[1].astype(int)).max() <= 1

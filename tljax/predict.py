@@ -108,13 +108,12 @@ def _batches(paths: list[str], config: dict[str, Any], batch_size: int
              ) -> Iterator[np.ndarray]:
   """Evaluation views of `paths`, decoded in parallel, in batches of `batch_size` (the last
   one padded, so one compiled program serves every batch)."""
-  from tljax.data import preprocess
+  from tljax.data import image_files, preprocess
   from tljax.data.tf_quiet import tf
   channels = int(config['channels'])
 
   def view(path):
-    image = tf.io.decode_image(tf.io.read_file(path), channels=channels,
-                               expand_animations=False)
+    image = image_files.decode(tf.io.read_file(path), channels)
     return preprocess.normalised_view(image, config)
 
   names = [os.fsencode(p) for p in paths]  # bytes: any file name the system allows

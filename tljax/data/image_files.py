@@ -57,6 +57,19 @@ def _header_size(path: str) -> tuple[int, int] | None:
     Image.MAX_IMAGE_PIXELS = limit
 
 
+def decode(data: tf.Tensor, channels: int) -> tf.Tensor:
+  """Encoded image bytes (PNG, JPEG, GIF's first frame, BMP) as uint8 [H, W, channels]. BMP
+  decodes only to 3 or 4 channels, so a grayscale BMP is decoded as RGB and converted."""
+  if channels != 1:
+    return tf.io.decode_image(data, channels=channels, expand_animations=False)
+  is_bmp = tf.strings.substr(data, 0, 2) == b'BM'
+  return tf.cond(
+      is_bmp,
+      lambda: tf.image.rgb_to_grayscale(tf.io.decode_bmp(data, channels=3)),
+      lambda: tf.ensure_shape(tf.io.decode_image(data, channels=1, expand_animations=False),
+                              [None, None, 1]))
+
+
 def undecodable(paths: Sequence[str]) -> list[str]:
   """The image files among `paths` that TensorFlow cannot decode, in one parallel pass."""
   def index_if_readable(index, path):

@@ -50,7 +50,7 @@ class Source:
     return len(self.labels(split))
 
   def decode(self, image: tf.Tensor, channels: int) -> tf.Tensor:
-    return tf.io.decode_image(image, channels=channels, expand_animations=False)
+    return image_files.decode(image, channels)
 
   def corrupt_files(self, split: str) -> dict[str, str]:
     """Files of `split` that cannot be used, and why (sources that read files say which)."""
@@ -219,8 +219,7 @@ class FolderSource(Source):
     return self._files(split)[1]
 
   def decode(self, image: tf.Tensor, channels: int) -> tf.Tensor:
-    return tf.io.decode_image(tf.io.read_file(image), channels=channels,
-                              expand_animations=False)
+    return image_files.decode(tf.io.read_file(image), channels)
 
 
 class ArraySource(Source):
@@ -482,8 +481,7 @@ class ElpvSource(Source):
 
   def decode(self, image: tf.Tensor, channels: int) -> tf.Tensor:
     # Any format the up-front check accepts (a cell saved as BMP or JPEG, not only PNG).
-    return tf.io.decode_image(tf.io.read_file(image), channels=channels,
-                              expand_animations=False)
+    return image_files.decode(tf.io.read_file(image), channels)
 
 
 def make_source(config: Mapping[str, Any]) -> Source:
