@@ -66,3 +66,18 @@ def snapshot(directory) -> dict[str, bytes]:
   return {os.path.relpath(os.path.join(root, name), directory):
           open(os.path.join(root, name), 'rb').read()  # noqa: SIM115
           for root, _, names in os.walk(directory) for name in names}
+
+
+def image_folder(root, classes, counts, size=20, suffix='png', spread=25):
+  """`root/<split>/<class>/<i>.<suffix>`: each class a colour (`classes`: name -> RGB) with
+  Gaussian noise, `counts` (split -> images per class), seeded."""
+  from PIL import Image
+  rng = np.random.default_rng(0)
+  for split, count in counts.items():
+    for name, colour in classes.items():
+      folder = root / split / name
+      folder.mkdir(parents=True)
+      for i in range(count):
+        pixels = np.clip(rng.normal(colour, spread, (size, size, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f'{i}.{suffix}')
+  return root

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, small_config, snapshot, write_npz
+from conftest import REPO, image_folder, small_config, snapshot, write_npz
 
 import tljax
 from tljax import checkpoint, metrics, preemption, train
@@ -165,17 +165,8 @@ def test_confusion_and_per_class_metrics_equal_ones_counted_from_the_predictions
 
 def _image_folder(root, splits=('train', 'val', 'test'), per_class=6):
   """Three named classes, each a colour, as PNG files in <split>/<class>/."""
-  from PIL import Image
-  rng = np.random.default_rng(0)
   colours = {'cat': (200, 30, 30), 'dog': (30, 200, 30), 'eel': (30, 30, 200)}
-  for split in splits:
-    for name, colour in colours.items():
-      folder = root / split / name
-      folder.mkdir(parents=True)
-      for i in range(per_class):
-        pixels = np.clip(rng.normal(colour, 25, (20, 20, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(pixels).save(folder / f'{i}.png')
-  return root
+  return image_folder(root, colours, dict.fromkeys(splits, per_class))
 
 
 def _folder_config(path, **overrides):

@@ -8,8 +8,7 @@ import re
 import subprocess
 import sys
 
-import numpy as np
-from conftest import REPO
+from conftest import REPO, image_folder
 
 from tljax.weights import read
 
@@ -25,17 +24,9 @@ def _walkthrough() -> str:
 
 def _photos(root):
   """Three classes told apart by colour: train (8 each), val (3) and test (3)."""
-  from PIL import Image
-  rng = np.random.default_rng(0)
   colours = {'healthy': (40, 160, 40), 'rust': (170, 90, 30), 'blight': (90, 60, 50)}
-  for split, count in (('train', 8), ('val', 3), ('test', 3)):
-    for name, colour in colours.items():
-      folder = root / split / name
-      folder.mkdir(parents=True)
-      for i in range(count):
-        pixels = np.clip(rng.normal(colour, 30, (48, 48, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(pixels).save(folder / f'leaf{i}.jpg')
-  return root
+  return image_folder(root, colours, dict(train=8, val=3, test=3), size=48, suffix='jpg',
+                      spread=30)
 
 
 def test_the_readme_walkthrough_runs_as_written(tmp_path):

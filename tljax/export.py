@@ -33,17 +33,10 @@ LAYOUTS = ('tljax', 'torchvision')
 def check_output(path: str, force: bool) -> None:
   """Refuses an output file that is not .safetensors, would replace a file without --force, or
   lies in a folder that does not exist or cannot be written."""
+  from tljax import workdir
   if not path.endswith('.safetensors'):
     raise UserError(f'--out {path} must end in .safetensors')
-  if os.path.isdir(path):
-    raise UserError(f'--out {path} is a directory; name a file')
-  if os.path.lexists(path) and not force:
-    raise UserError(f'--out {path} exists; pass --force to replace it, or name another file')
-  parent = os.path.dirname(os.path.abspath(path))
-  if not os.path.isdir(parent):
-    raise UserError(f'--out {path}: the folder {parent} does not exist')
-  if not os.access(parent, os.W_OK):
-    raise UserError(f'--out {path}: the folder {parent} is not writable')
+  workdir.check_new_file(path, '--out', force)
 
 
 def tensors(variables: dict[str, Any], model_name: str, layout: str) -> dict[str, np.ndarray]:

@@ -182,17 +182,9 @@ def printable(path: str) -> str:
 
 
 def _check_csv(path: str | None, force: bool) -> None:
-  if path is None:
-    return
-  if os.path.isdir(path):
-    raise UserError(f'--csv {path} is a directory; name a file')
-  if os.path.lexists(path) and not force:
-    raise UserError(f'--csv {path} exists; pass --force to replace it, or name another file')
-  parent = os.path.dirname(os.path.abspath(path))
-  if not os.path.isdir(parent):
-    raise UserError(f'--csv {path}: the folder {parent} does not exist')
-  if not os.access(parent, os.W_OK):
-    raise UserError(f'--csv {path}: the folder {parent} is not writable')
+  from tljax import workdir
+  if path is not None:
+    workdir.check_new_file(path, '--csv', force)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

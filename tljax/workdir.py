@@ -301,3 +301,18 @@ def keep_earlier_results(workdir: str) -> str | None:
     target = f'{base}-{count}'
   os.replace(os.path.join(workdir, RESULTS_FILE), f'{target}.json')
   return f'{target}.json'
+
+
+def check_new_file(path: str, option: str, force: bool) -> None:
+  """Refuses an output file (named by the command-line `option`) that is a directory, would
+  replace a file without --force, or lies in a folder that does not exist or cannot be
+  written; before anything is computed."""
+  if os.path.isdir(path):
+    raise UserError(f'{option} {path} is a directory; name a file')
+  if os.path.lexists(path) and not force:
+    raise UserError(f'{option} {path} exists; pass --force to replace it, or name another file')
+  parent = os.path.dirname(os.path.abspath(path))
+  if not os.path.isdir(parent):
+    raise UserError(f'{option} {path}: the folder {parent} does not exist')
+  if not os.access(parent, os.W_OK):
+    raise UserError(f'{option} {path}: the folder {parent} is not writable')
