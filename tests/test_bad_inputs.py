@@ -456,6 +456,8 @@ def test_config_files_with_odd_values_are_one_error_or_read_as_meant():
   assert resolved.optim.groups[0][0] == 'stem/.*'  # the file's frozen stem kept
   with pytest.raises(config_lib.ConfigError, match="unknown config key 'optim.lrr'"):
     config_lib.set_override(resolved, 'optim', {'lrr': 1.0})
+  config_lib.set_override(resolved, 'eval_groupings.pair', ((0, 1), (2,)))  # free-form keys
+  assert resolved.eval_groupings.pair == ((0, 1), (2,))
 
 
 def test_hidden_folders_are_not_splits_or_classes_and_a_file_is_not_a_folder(tmp_path):

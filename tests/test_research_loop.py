@@ -218,6 +218,12 @@ def _refusals(root, data, run):
   (root / 'empty').mkdir()
   (root / 'notes.png').write_text('not an image')
   (root / 'bare').mkdir()
+  image = str(next((root / 'images' / 'test').rglob('*.png')))
+  damaged = str(root / 'damaged')
+  shutil.copytree(run, damaged)
+  best = min(int(n) for n in os.listdir(os.path.join(damaged, 'checkpoints')))
+  with open(os.path.join(damaged, 'checkpoints', str(best), 'metrics', 'metrics'), 'w') as f:
+    f.write('{"accuracy": 0.5')  # cut short
   arrays = [f'--config={REPO}/configs/tests/arrays.py', f'--config.data.path={data}',
             f'--workdir={root}/new']
   return [
@@ -246,6 +252,20 @@ def _refusals(root, data, run):
       ('predict to an existing CSV', ['-m', 'tljax.predict', '--workdir', run, str(folder),
                                       '--csv', str(root / 'notes.png')],
        2, f'--csv {root}/notes.png exists; pass --force'),
+      ('predict writing its CSV over an input image', [
+          '-m', 'tljax.predict', '--workdir', run, str(image), '--csv', str(image), '--force'],
+       2, f'--csv {image} is one of the input images'),
+      ('predict on a workdir that does not exist', [
+          '-m', 'tljax.predict', '--workdir', str(root / 'nowhere'), str(folder)],
+       2, f'workdir {root}/nowhere does not exist'),
+      ('predict without inputs', ['-m', 'tljax.predict', '--workdir', run],
+       2, 'the following arguments are required: IMAGE_OR_FOLDER'),
+      ('predict on a run whose saved metrics are damaged', [
+          '-m', 'tljax.predict', '--workdir', damaged, str(folder)],
+       2, 'metrics/metrics (the validation metrics saved with checkpoint'),
+      ('export to a name that is only the extension', [
+          '-m', 'tljax.export', '--workdir', run, '--out', str(root / '.safetensors')],
+       2, 'must be a file name ending in .safetensors'),
   ]
 
 
@@ -265,7 +285,7 @@ def test_every_research_loop_mistake_is_one_line_and_writes_nothing(diverged, tm
       assert len(errors) == 1 and fragment in errors[0], (name, errors)
     else:
       assert not errors and fragment in output, (name, output[-2000:])
-  assert not os.path.exists(tmp_path / 'new')
+  assert not os.path.exists(tmp_path / 'new') and not os.path.exists(tmp_path / '.safetensors')
   assert snapshot(run) == before
   assert (tmp_path / 'notes.png').read_text() == 'not an image'
 
@@ -290,3 +310,39 @@ def test_tfds_validation_slices_that_share_examples_with_the_test_split_are_refu
       pipeline.check_splits(source, config, 10)
     config['val_split'] = 'train[80%:]'
     assert pipeline.check_splits(source, config, 10) > 0  # disjoint slices pass
+
+
+def test_a_selected_checkpoint_damaged_later_leaves_the_run_reporting_the_last(diverged,
+                                                                               tmp_path, capsys):
+  root, data, results = diverged
+  workdir = tmp_path / 'run'
+  shutil.copytree(root / 'run', workdir)
+  best = results['best']['step']
+  for path in (workdir / 'checkpoints' / str(best)).rglob('*'):
+    if path.is_file() and path.stat().st_size > 100 and 'metrics' not in path.parts:
+      path.write_bytes(path.read_bytes()[:50])  # truncated array data
+  extended = train.run(_diverging_config(data, total_steps=18), str(workdir))
+  assert 'the selected checkpoint of step' in capsys.readouterr().err
+  assert extended['best']['step'] == 18 and extended['selected_step'] == 18
+  assert (workdir / 'results.json').exists()
+
+
+def test_loss_selects_the_lowest_unless_told_and_whole_steps_only(diverged, tmp_path):
+  root, data, _ = diverged
+  config = train.resolve_config(_diverging_config(data, **{'select.metric': 'loss'}))
+  assert config.select.mode == 'min'
+  assert train.resolve_config(_diverging_config(data)).select.mode == 'max'
+  from tljax.errors import UserError
+  with pytest.raises(UserError, match="step 3.7 must be 'best', 'last' or a step number"):
+    tljax.load(str(root / 'run'), 3.7)
+
+
+def test_predict_follows_linked_folders_once_and_prints_one_line_per_name(tmp_path):
+  from tljax.predict import find_images, printable
+  folder = _image_folder(tmp_path / 'images', splits=('test',), per_class=1)
+  (tmp_path / 'inputs').mkdir()
+  (tmp_path / 'inputs' / 'linked').symlink_to(folder / 'test')
+  (folder / 'test' / 'cat' / 'loop').symlink_to(folder / 'test')  # a link back up
+  found = find_images([str(tmp_path / 'inputs')])
+  assert len(found) == 3 and all('/linked/' in p for p in found)
+  assert printable('a\nb.png') == 'a\\nb.png'

@@ -9,7 +9,6 @@ A sweep file returns a `tljax.sweep.Sweep`; each variant is an ordinary training
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -18,8 +17,8 @@ from typing import Any
 
 import ml_collections
 
+from tljax import cli, preemption, report
 from tljax import config as config_lib
-from tljax import preemption, report
 from tljax import workdir as workdir_lib
 from tljax.errors import PREEMPTED_EXIT_CODE, Preempted, UserError
 from tljax.sweep import Sweep, Variant, command, expand, variant_config
@@ -93,7 +92,7 @@ def load_sweep(spec: str) -> Sweep:
 
 def main(argv: Sequence[str] | None = None) -> None:
   preemption.install_early()  # SIGTERM and Ctrl-C stop between steps or variants, not mid-write
-  parser = argparse.ArgumentParser(prog='python -m tljax.ablate', description=__doc__.split(
+  parser = cli.ArgumentParser(prog='python -m tljax.ablate', description=__doc__.split(
       '\n')[0])
   parser.add_argument('--config', required=True, help='sweep file[:arg] (configs/ablations/)')
   parser.add_argument('--workdir', required=True, help='one subdirectory per variant')

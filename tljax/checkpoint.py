@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import re
@@ -53,6 +54,26 @@ def step_names(directory: str) -> list[int]:
     return []
   return sorted((int(name) for name in os.listdir(directory) if STEP_NAME.fullmatch(name)),
                 reverse=True)
+
+
+def check_metrics_files(directory: str) -> None:
+  """Orbax reads every checkpoint's saved metrics (`<step>/metrics/metrics`, JSON) as soon as
+  a manager opens the directory, and one damaged file fails them all: refuse it first, in one
+  line naming it."""
+  for step in step_names(directory):
+    path = os.path.join(directory, str(step), 'metrics', 'metrics')
+    if not os.path.lexists(path):
+      continue
+    try:
+      with open(path, encoding='utf-8') as f:
+        value = json.load(f)
+      if not isinstance(value, dict):
+        raise ValueError('not a JSON object')
+    except (OSError, ValueError) as e:
+      raise UserError(f'{path} (the validation metrics saved with checkpoint {step}) is '
+                      f'damaged ({type(e).__name__}: {" ".join(str(e).split())[:80]}); move '
+                      f'that checkpoint\'s metrics/ folder away (its arrays stay usable) and '
+                      'run the same command again') from None
 
 
 def has_checkpoints(workdir: str) -> bool:
@@ -151,6 +172,7 @@ def restore_newest(workdir: str, like: Any = None, only: int | None = None) -> R
   ones; nothing is written or moved here. `only`: that step or none."""
   directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
   resume = Resume()
+  check_metrics_files(directory)
   steps = [s for s in step_names(directory) if only is None or s == only]
   if not steps:
     return resume
@@ -172,7 +194,7 @@ def restore_newest(workdir: str, like: Any = None, only: int | None = None) -> R
         try:
           metadata = manager.item_metadata(step)
         except Exception as e:  # noqa: BLE001 (orbax raises many kinds for a damaged file)
-          resume.damaged.append((step, _reason(e)))
+          resume.damaged.append((step, damage_reason(e)))
           continue
         if metadata is None or not jax.tree.leaves(metadata):
           resume.damaged.append((step, 'no readable metadata'))
@@ -186,7 +208,7 @@ def restore_newest(workdir: str, like: Any = None, only: int | None = None) -> R
         try:
           state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
         except Exception as e:  # noqa: BLE001
-          resume.damaged.append((step, _reason(e)))
+          resume.damaged.append((step, damage_reason(e)))
           continue
         resume.step, resume.state = step, state
         return resume
@@ -213,7 +235,7 @@ def _check_permissions(step_dir: str) -> None:
     raise UserError(f'checkpoint {step_dir} is not readable by this user (permission denied)')
 
 
-def _reason(error: BaseException) -> str:
+def damage_reason(error: BaseException) -> str:
   """The innermost cause of a failed read, in a few words (tensorstore's says which file)."""
   while error.__cause__ is not None or error.__context__ is not None:
     error = error.__cause__ or error.__context__

@@ -75,8 +75,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_groupings = ml_collections.ConfigDict()
   # Which checkpoint a run with a validation split selects as `best` (kept besides the latest
   # ones): a validation metric (loss, accuracy, balanced_accuracy, macro_f1, accuracy_<grouping>)
-  # and whether higher ('max') or lower ('min') is better.
-  c.select = dict(metric='accuracy', mode='max')
+  # and whether higher ('max') or lower ('min') is better; unset, 'min' for loss, else 'max'.
+  c.select = dict(metric='accuracy', mode=placeholder(str))
   c.total_steps = 100
   c.total_epochs = placeholder(float)  # when set, overrides total_steps
   c.log_every = 10
@@ -247,7 +247,7 @@ def set_override(config: ml_collections.ConfigDict, key: str, value: Any) -> Non
       raise ConfigError(f'unknown config key {".".join(parents[:depth + 1])!r} in override '
                         f'{key!r}')
     node = node[part]
-  if leaf not in node and parents[:1] != ['model']:
+  if leaf not in node and parents[:1] not in (['model'], ['eval_groupings']):  # FREE_FORM
     raise ConfigError(f'unknown config key {key!r} in override; known keys here: '
                       f'{", ".join(sorted(node))}')
   if isinstance(value, dict) and isinstance(node.get(leaf), ml_collections.ConfigDict):

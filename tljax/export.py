@@ -15,7 +15,6 @@ at all. Exit status: 0 done, 2 bad input.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -25,6 +24,7 @@ from typing import Any
 import numpy as np
 from flax import traverse_util
 
+from tljax import cli
 from tljax.errors import UserError
 
 LAYOUTS = ('tljax', 'torchvision')
@@ -34,8 +34,8 @@ def check_output(path: str, force: bool) -> None:
   """Refuses an output file that is not .safetensors, would replace a file without --force, or
   lies in a folder that does not exist or cannot be written."""
   from tljax import workdir
-  if not path.endswith('.safetensors'):
-    raise UserError(f'--out {path} must end in .safetensors')
+  if not path.endswith('.safetensors') or os.path.basename(path) == '.safetensors':
+    raise UserError(f'--out {path} must be a file name ending in .safetensors')
   workdir.check_new_file(path, '--out', force)
 
 
@@ -82,7 +82,7 @@ def export(workdir: str, out: str, step: str | int = 'best', layout: str = 'tlja
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(prog='python -m tljax.export',
+  parser = cli.ArgumentParser(prog='python -m tljax.export',
                                    description=__doc__.split('\n')[0])
   parser.add_argument('--workdir', required=True, help='a tljax run')
   parser.add_argument('--out', required=True, help='the .safetensors file to write')

@@ -11,7 +11,6 @@ before anything is computed: a file that is not a usable image is an error namin
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import os
@@ -21,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from tljax import cli
 from tljax.errors import UserError
 
 CLASS_FILE = os.path.join(os.path.dirname(__file__), 'data', 'imagenet_classes.tsv')
@@ -78,9 +78,7 @@ def find_images(inputs: Sequence[str]) -> list[str]:
   found = []
   for item in inputs:
     if os.path.isdir(item):
-      inside = sorted(os.path.join(root, name)
-                      for root, dirs, names in os.walk(item)
-                      for name in names if name.lower().endswith(IMAGE_EXTENSIONS))
+      inside = sorted(_walk_images(item))
       if not inside:
         raise UserError(f'folder {item} holds no image files ({", ".join(IMAGE_EXTENSIONS)}); '
                         'name image files or a folder that holds some')
@@ -92,10 +90,26 @@ def find_images(inputs: Sequence[str]) -> list[str]:
   return found
 
 
-def check_images(paths: list[str], skip_unreadable: bool) -> tuple[list[str], dict[str, str]]:
+def _walk_images(folder: str) -> list[str]:
+  """Image files under `folder` at any depth, through linked folders too, each real folder
+  visited once (a link loop ends)."""
+  seen, found = set(), []
+  for root, dirs, names in os.walk(folder, followlinks=True):
+    real = os.path.realpath(root)
+    if real in seen:
+      dirs[:] = []
+      continue
+    seen.add(real)
+    found += [os.path.join(root, n) for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
+  return found
+
+
+def check_images(paths: list[str], skip_unreadable: bool, max_pixels: int = MAX_PIXELS
+                 ) -> tuple[list[str], dict[str, str]]:
   """(usable paths, {unusable path: why}); unusable ones are an error unless skipped."""
   from tljax.data import image_files
-  bad = image_files.problems(paths, MAX_PIXELS)
+  bad = {path: why.replace('data.max_image_pixels', '--max_pixels')
+         for path, why in image_files.problems(paths, max_pixels).items()}
   if bad and not skip_unreadable:
     shown = '; '.join(f'{ascii(p)[1:-1]} ({why})' for p, why in sorted(bad.items())[:5])
     more = f'; and {len(bad) - 5} more' if len(bad) > 5 else ''
@@ -156,11 +170,12 @@ def predict(predictor: Predictor, paths: list[str], top_k: int = 5, batch_size: 
   return results
 
 
-def write_csv(path: str, paths: list[str], results: list[list[tuple[str, float]]]) -> None:
+def write_csv(path: str, paths: list[str], results: list[list[tuple[str, float]]],
+              force: bool = False) -> None:
   """One row per image: path, then (class, probability) for each of the top k; written whole
   or not at all."""
   k = max((len(r) for r in results), default=0)
-  partial = f'{path}.partial'
+  partial = f'{path}.{os.getpid()}.partial'  # its own: another run may write the same CSV
   try:
     with open(partial, 'w', newline='', encoding='utf-8', errors='surrogateescape') as f:
       writer = csv.writer(f)
@@ -169,7 +184,16 @@ def write_csv(path: str, paths: list[str], results: list[list[tuple[str, float]]
       for image, top in zip(paths, results, strict=True):
         writer.writerow([image] + [cell for name, prob in top
                                    for cell in (name, f'{prob:.6f}')])
-    os.replace(partial, path)
+    if force:
+      os.replace(partial, path)
+    else:  # a file made meanwhile (another run) is kept: link fails where it exists
+      try:
+        os.link(partial, path)
+      except FileExistsError:
+        raise UserError(f'--csv {path} was created by someone else while this ran; pass '
+                        '--force to replace it, or name another file') from None
+      finally:
+        os.remove(partial)
   except OSError as e:
     if os.path.exists(partial):
       os.remove(partial)
@@ -177,8 +201,10 @@ def write_csv(path: str, paths: list[str], results: list[list[tuple[str, float]]
 
 
 def printable(path: str) -> str:
-  """A file name as the terminal can show it (undecodable bytes replaced)."""
-  return os.fsencode(path).decode('utf-8', 'replace')
+  """A file name as the terminal can show it: undecodable bytes replaced, control characters
+  (a newline in a name) escaped, so one name is one line."""
+  text = os.fsencode(path).decode('utf-8', 'replace')
+  return ''.join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 def _check_csv(path: str | None, force: bool) -> None:
@@ -190,7 +216,7 @@ def _check_csv(path: str | None, force: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
   from tljax import preemption
   preemption.install_early()
-  parser = argparse.ArgumentParser(prog='python -m tljax.predict', description=__doc__.split(
+  parser = cli.ArgumentParser(prog='python -m tljax.predict', description=__doc__.split(
       '\n')[0])
   source = parser.add_mutually_exclusive_group(required=True)
   source.add_argument('--workdir', help='a tljax run (its model.json and checkpoints)')
@@ -202,6 +228,9 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument('--csv', help='write one row per image to this file')
   parser.add_argument('--force', action='store_true', help='replace an existing --csv file')
   parser.add_argument('--batch_size', '--batch-size', type=int, default=32)
+  parser.add_argument('--max_pixels', '--max-pixels', type=int, default=MAX_PIXELS,
+                      help='refuse (or skip) images with more pixels than this, read from '
+                      'their headers before decoding')
   parser.add_argument('--skip-unreadable', '--skip_unreadable', action='store_true',
                       help='leave out inputs that are not usable images (counted) instead of '
                       'failing')
@@ -210,7 +239,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.top_k < 1 or args.batch_size < 1:
       raise UserError(f'--top_k={args.top_k} and --batch_size={args.batch_size} must be >= 1')
     _check_csv(args.csv, args.force)
-    paths, bad = check_images(find_images(args.inputs), args.skip_unreadable)
+    if args.max_pixels < 1:
+      raise UserError(f'--max_pixels={args.max_pixels} must be >= 1')
+    paths, bad = check_images(find_images(args.inputs), args.skip_unreadable, args.max_pixels)
+    if args.csv and os.path.realpath(args.csv) in {os.path.realpath(p) for p in paths}:
+      raise UserError(f'--csv {args.csv} is one of the input images; name another file')
     if not paths:
       raise UserError('none of the inputs is a usable image')
     predictor = (Predictor.from_workdir(args.workdir, args.step) if args.workdir
@@ -218,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     results = predict(predictor, paths, args.top_k, args.batch_size,
                       progress=len(paths) > args.batch_size)
     if args.csv:
-      write_csv(args.csv, paths, results)
+      write_csv(args.csv, paths, results, args.force)
   except UserError as e:
     print('error: ' + ' '.join(str(e).splitlines()), file=sys.stderr)
     sys.exit(2)

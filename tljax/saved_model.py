@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -44,7 +45,14 @@ def make_record(config: ml_collections.ConfigDict, class_names: Sequence[str] | 
 def read_record(workdir: str) -> dict[str, Any]:
   """model.json of `workdir`; for a workdir written before tljax recorded it, the same
   fields from its config.json (without class names)."""
+  if not os.path.isdir(workdir):
+    state = 'is not a directory' if os.path.lexists(workdir) else 'does not exist'
+    raise UserError(f'workdir {workdir} {state}; name the workdir of a tljax run')
   path = os.path.join(workdir, RECORD_FILE)
+  config_path = os.path.join(workdir, 'config.json')
+  if not os.path.isfile(path) and not os.path.isfile(config_path):
+    raise UserError(f'{workdir} is not a tljax workdir: it has neither {RECORD_FILE} nor '
+                    'config.json')
   try:
     if os.path.isfile(path):
       with open(path, encoding='utf-8') as f:
@@ -53,13 +61,10 @@ def read_record(workdir: str) -> dict[str, Any]:
           or not isinstance(record.get('preprocessing'), dict):
         raise ValueError('not a tljax model record')
       return record
-    config_path = os.path.join(workdir, 'config.json')
-    if not os.path.isfile(config_path):
-      raise UserError(f'{workdir} is not a tljax workdir: it has neither {RECORD_FILE} nor '
-                      'config.json')
+    path = config_path
     with open(config_path, encoding='utf-8') as f:
       config = ml_collections.ConfigDict(json.load(f))
-  except (OSError, ValueError) as e:
+  except (OSError, ValueError, TypeError) as e:
     raise UserError(f'{path} cannot be read ({type(e).__name__}: {str(e)[:100]})') from None
   from tljax import config as config_lib
   try:
@@ -83,6 +88,7 @@ def resolve_step(workdir: str, step: str | int, record: dict[str, Any]) -> int |
     select = record.get('select')
     if not select:
       return None
+    checkpoint.check_metrics_files(directory)
     import orbax.checkpoint as ocp
     options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
     with ocp.CheckpointManager(os.path.abspath(directory), options=options) as manager:
@@ -90,11 +96,12 @@ def resolve_step(workdir: str, step: str | int, record: dict[str, Any]) -> int |
     if best is None:
       raise UserError(f'{workdir}: no checkpoint was saved with validation metrics, so none is '
                       "selected; use --step last or a step number")
+    _warn_if_not_reported(workdir, best)
     return best
-  try:
-    number = int(step)
-  except (TypeError, ValueError):
-    raise UserError(f"step {step!r} must be 'best', 'last' or a step number") from None
+  text = str(step)
+  if isinstance(step, bool) or not (isinstance(step, int) or text.isdigit()):
+    raise UserError(f"step {step!r} must be 'best', 'last' or a step number")
+  number = int(text)
   if number not in steps:
     raise UserError(f'{workdir} has no checkpoint of step {number}; it has steps '
                     f'{", ".join(map(str, sorted(steps)))}')
@@ -104,6 +111,19 @@ def resolve_step(workdir: str, step: str | int, record: dict[str, Any]) -> int |
 def _tuples(value: Any) -> Any:
   """JSON lists back to the tuples a model config holds (module fields must be hashable)."""
   return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def _warn_if_not_reported(workdir: str, best: int) -> None:
+  """A selected checkpoint removed since the run reported it leaves another as the best."""
+  try:
+    with open(os.path.join(workdir, 'results.json'), encoding='utf-8') as f:
+      reported = json.load(f).get('selected_step')
+  except (OSError, ValueError, AttributeError):
+    return
+  if isinstance(reported, int) and reported != best:
+    print(f'warning: {workdir}/results.json reports step {reported} as selected, but its '
+          f'checkpoint is gone; the best that remains is step {best}', file=sys.stderr,
+          flush=True)
 
 
 def load(workdir: str, step: str | int = 'best') -> tuple[Any, dict[str, Any], dict[str, Any]]:

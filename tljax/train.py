@@ -116,6 +116,10 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   """The config a run uses: defaults filled in, zoo defaults applied, presets written out, every
   value checked."""
   config = _with_presets(_with_zoo_defaults(config_lib.resolve(config)))
+  if config.select.mode is None:  # lower is better for a loss, higher for the rest
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+      config.select.mode = 'min' if config.select.metric == 'loss' else 'max'
   config_lib.check_values(config)
   return config
 
@@ -501,10 +505,19 @@ def _final_evaluations(last_eval: Evaluation, state, ckpt: checkpoint.Checkpoint
   log.write(step, 'test', last_test.metrics)
   last = dict(step=step, val=last_eval.as_result(), test=last_test.as_result())
   best_step = ckpt.best_step()
-  if best_step is None or best_step == step:
+  best_state = None
+  if best_step is not None and best_step != step:
+    try:
+      best_state = runner.place_state(ckpt.restore(best_step, abstract_state))
+    except Exception as e:  # noqa: BLE001 (orbax raises many kinds for a damaged file)
+      if jax.process_index() == 0:
+        print(f'warning: the selected checkpoint of step {best_step} cannot be read '
+              f'({checkpoint.damage_reason(e)}); the last checkpoint is reported instead. Move '
+              f'{ckpt.directory}/{best_step} away to select among the others', file=sys.stderr,
+              flush=True)
+  if best_state is None:
     best = dict(last)
   else:
-    best_state = runner.place_state(ckpt.restore(best_step, abstract_state))
     best = dict(step=best_step,
                 val=evaluate(eval_step, best_state, val_data, best_step, class_names).as_result(),
                 test=evaluate(eval_step, best_state, test_data, best_step,
