@@ -422,7 +422,7 @@ def _check_validation(config: ml_collections.ConfigDict) -> None:
   if config.select.metric not in known:
     raise ConfigError(f'select.metric={config.select.metric!r} is not a validation metric; '
                       f'choose one of {", ".join(known)}')
-  if config.select.mode not in ('max', 'min'):
+  if config.select.mode not in ('max', 'min', None):  # None: tljax.train picks by the metric
     raise ConfigError(f"select.mode={config.select.mode!r} must be 'max' or 'min'")
 
 
