@@ -99,7 +99,7 @@ def resolve_step(workdir: str, step: str | int, record: dict[str, Any]) -> int |
     _warn_if_not_reported(workdir, best)
     return best
   text = str(step)
-  if isinstance(step, bool) or not (isinstance(step, int) or text.isdigit()):
+  if isinstance(step, bool) or not (isinstance(step, int) or checkpoint.STEP_NAME.fullmatch(text)):
     raise UserError(f"step {step!r} must be 'best', 'last' or a step number")
   number = int(text)
   if number not in steps:
