@@ -346,3 +346,12 @@ def test_predict_follows_linked_folders_once_and_prints_one_line_per_name(tmp_pa
   found = find_images([str(tmp_path / 'inputs')])
   assert len(found) == 3 and all('/linked/' in p for p in found)
   assert printable('a\nb.png') == 'a\\nb.png'
+
+
+def test_a_named_validation_split_without_some_class_is_said(tmp_path, capsys):
+  folder = _image_folder(tmp_path / 'images', splits=('train', 'test'), per_class=3)
+  colours = {'cat': (200, 30, 30), 'dog': (30, 200, 30)}  # no eel
+  image_folder(folder, colours, {'val': 2})
+  train.run(_folder_config(folder, total_steps=2), str(tmp_path / 'run'))
+  assert ("warning: the validation split 'val' has no example of class(es) ['eel']"
+          in capsys.readouterr().err)

@@ -298,6 +298,14 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   val_split = sources.validation_split(config.data)
   select = (config.select.metric, config.select.mode) if val_split else None
   class_names = source.class_names
+  if val_split and source.labels_in_memory and is_main:  # a held-out fraction has them all
+    present = set(source.labels(val_split).tolist())
+    absent = [c for c in range(config.model.num_classes) if c not in present]
+    if absent:
+      shown = [class_names[c] for c in absent] if class_names else absent
+      print(f'warning: the validation split {config.data.val_split!r} has no example of '
+            f'class(es) {shown}; selection cannot see how the model does on them',
+            file=sys.stderr, flush=True)
   total_steps = config_lib.total_steps(config, train_examples)
   warmup = config.optim.schedule.warmup_steps
   if warmup >= total_steps and is_main:  # (a short smoke test of a real config does this)
