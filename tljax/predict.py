@@ -187,13 +187,19 @@ def write_csv(path: str, paths: list[str], results: list[list[tuple[str, float]]
     if force:
       os.replace(partial, path)
     else:  # a file made meanwhile (another run) is kept: link fails where it exists
+      taken = UserError(f'--csv {path} was created by someone else while this ran; pass '
+                        '--force to replace it, or name another file')
       try:
         os.link(partial, path)
       except FileExistsError:
-        raise UserError(f'--csv {path} was created by someone else while this ran; pass '
-                        '--force to replace it, or name another file') from None
+        raise taken from None
+      except OSError:  # a filesystem without hard links: check, then rename
+        if os.path.lexists(path):
+          raise taken from None
+        os.replace(partial, path)
       finally:
-        os.remove(partial)
+        if os.path.exists(partial):
+          os.remove(partial)
   except OSError as e:
     if os.path.exists(partial):
       os.remove(partial)
