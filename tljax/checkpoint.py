@@ -305,6 +305,10 @@ class Checkpointer:
           create=True, preservation_policy=policy, best_fn=lambda m: m[metric], best_mode=mode)
     self.select = select
     self.manager = ocp.CheckpointManager(self.directory, options=options)
+    # The selected metric's best value so far (from an earlier run's checkpoints on resume),
+    # kept here so the training loop never waits on a pending save to compare.
+    best = best_step(self.manager, *select) if select else None
+    self.best_value = None if best is None else float(self.manager.metrics(best)[select[0]])
     self.pending_step: int | None = None  # the save that may still be writing
     self.failed = False
 
@@ -328,11 +332,9 @@ class Checkpointer:
   def improves(self, value: float) -> bool:
     """Whether a checkpoint with validation `value` of the selected metric would become the
     best (ties go to the later step, as orbax keeps them)."""
-    step = self.best_step()
-    if step is None:
+    if self.best_value is None:
       return True
-    best = float(self.manager.metrics(step)[self.select[0]])
-    return value >= best if self.select[1] == 'max' else value <= best
+    return value >= self.best_value if self.select[1] == 'max' else value <= self.best_value
 
   def save(self, step: int, state: Any, metrics: dict[str, float] | None = None) -> None:
     """Starts writing `step` in the background, once the previous save is complete; `metrics`
@@ -341,6 +343,8 @@ class Checkpointer:
     self.pending_step = step
     self._guarded(lambda: self.manager.save(step, args=ocp.args.StandardSave(state),
                                             metrics=metrics, force=True))
+    if self.select and metrics is not None and self.improves(metrics[self.select[0]]):
+      self.best_value = float(metrics[self.select[0]])
 
   def wait(self) -> None:
     """Returns when the last save is complete on disk."""

@@ -108,8 +108,7 @@ def check_images(paths: list[str], skip_unreadable: bool, max_pixels: int = MAX_
                  ) -> tuple[list[str], dict[str, str]]:
   """(usable paths, {unusable path: why}); unusable ones are an error unless skipped."""
   from tljax.data import image_files
-  bad = {path: why.replace('data.max_image_pixels', '--max_pixels')
-         for path, why in image_files.problems(paths, max_pixels).items()}
+  bad = image_files.problems(paths, max_pixels, limit_name='--max_pixels')
   if bad and not skip_unreadable:
     shown = '; '.join(f'{ascii(p)[1:-1]} ({why})' for p, why in sorted(bad.items())[:5])
     more = f'; and {len(bad) - 5} more' if len(bad) > 5 else ''

@@ -85,7 +85,8 @@ def undecodable(paths: Sequence[str]) -> list[str]:
   return [path for index, path in enumerate(paths) if index not in good]
 
 
-def problems(paths: Sequence[str], max_pixels: int) -> dict[str, str]:
+def problems(paths: Sequence[str], max_pixels: int, limit_name: str = 'data.max_image_pixels'
+             ) -> dict[str, str]:
   """`{path: why it cannot be used}` for the files among `paths` that are not usable images."""
   found: dict[str, str] = {}
   to_decode: list[tuple[str, tuple[str, int, int]]] = []
@@ -97,7 +98,7 @@ def problems(paths: Sequence[str], max_pixels: int) -> dict[str, str]:
     size = _header_size(path)
     if size is not None and size[0] * size[1] > max_pixels:
       found[path] = (f'{size[0]} x {size[1]} = {size[0] * size[1]:,} pixels, over '
-                     f'data.max_image_pixels={max_pixels:,}')
+                     f'{limit_name}={max_pixels:,}')
       continue
     key = (os.path.abspath(path), info.st_size, info.st_mtime_ns)
     if key not in _decoded_ok:
