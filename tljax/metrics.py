@@ -1,4 +1,5 @@
-"""Where metrics go: TensorBoard (clu metric writers), metrics.jsonl, and a progress line.
+"""Where metrics go: TensorBoard (clu metric writers) and metrics.jsonl (the terminal's progress
+line is tljax.console's).
 
 Only process 0 writes files; every process may print.
 """
@@ -7,11 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-import time
 from collections.abc import Mapping
 
+# isort: off
+from tljax.data import tf_quiet  # noqa: F401  (first: clu imports TensorFlow)
 from clu import metric_writers
+# isort: on
 
 from tljax.errors import UserError
 
@@ -69,39 +71,3 @@ def _drop_after(path: str, step: int) -> None:
 def read_metrics(workdir: str) -> list[dict]:
   with open(os.path.join(workdir, METRICS_FILE)) as f:
     return [json.loads(line) for line in f if line.strip()]
-
-
-class Progress:
-  """Steps/s and ETA: a rewritten line on a terminal, plain periodic lines otherwise."""
-
-  def __init__(self, total_steps: int, start_step: int, stream=None, every_s: float = 30.0):
-    self.total, self.start = total_steps, start_step
-    self.stream = stream or sys.stderr
-    self.tty = self.stream.isatty()
-    self.every_s = every_s
-    self.t0 = self.last_print = time.monotonic()
-
-  def update(self, step: int, values: Mapping[str, float] | None = None) -> None:
-    now = time.monotonic()
-    done = step - self.start
-    rate = done / max(now - self.t0, 1e-9)
-    eta = (self.total - step) / rate if rate > 0 else float('inf')
-    shown = ' '.join(f'{k}={v:.4g}' for k, v in (values or {}).items())
-    line = f'step {step}/{self.total}  {rate:.2f} steps/s  ETA {_duration(eta)}  {shown}'
-    if self.tty:
-      self.stream.write('\r' + line.ljust(100))
-      if step >= self.total:
-        self.stream.write('\n')
-      self.stream.flush()
-    elif now - self.last_print >= self.every_s or step >= self.total:
-      self.stream.write(line + '\n')
-      self.stream.flush()
-      self.last_print = now
-
-
-def _duration(seconds: float) -> str:
-  if seconds == float('inf'):
-    return '?'
-  minutes, secs = divmod(int(seconds), 60)
-  hours, minutes = divmod(minutes, 60)
-  return f'{hours}:{minutes:02d}:{secs:02d}' if hours else f'{minutes}:{secs:02d}'

@@ -31,6 +31,7 @@ from absl import app, flags, logging
 from tljax import (
   checkpoint,
   class_metrics,
+  console,
   features,
   freeze,
   metrics,
@@ -282,6 +283,12 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   aside instead of resuming them. Raises errors.Preempted when SIGTERM or SIGINT arrives (after
   saving a checkpoint, once training has started).
   """
+  with console.RunLog() as run_log:  # library logs: held now, in the workdir once it is written
+    return _run(config, workdir, source, fresh, run_log)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str, source: sources.Source | None,
+         fresh: bool, run_log: console.RunLog) -> dict[str, Any]:
   wall_start = time.time()
   config = resolve_config(config)
   process_index, process_count = jax.process_index(), jax.process_count()
@@ -351,6 +358,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
       parallel.sync_processes('tljax_fresh')
       if moved:
         print(f'--fresh: moved the earlier run to {moved}', flush=True)
+    run_log.open(os.path.join(workdir, console.log_file_name(process_index)))
     moved = checkpoint.set_aside(workdir, resume.damaged)
     if is_main and moved:
       print('damaged checkpoints set aside, not deleted: '
@@ -417,22 +425,29 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     eval_name = 'eval' if val_split is None else 'val'
     ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints, select)
     log = metrics.MetricsLog(workdir, is_main, resume_step=start_step)
-    progress = metrics.Progress(total_steps, start_step)
+    progress = console.Progress(total_steps, start_step)
     stop.check('before the first step')
 
     # Step, eval, save; stop after the current step when asked to.
-    step_times, last_eval = [], None
+    step_times, last_eval, first_step_s = [], None, None
     last_log_time, last_log_step = time.perf_counter(), start_step
+    step_started = last_log_time
     try:
       for step in range(start_step + 1, total_steps + 1):
         state, train_metrics = train_step(state, next(batches))
+        if first_step_s is None:  # compiles: timed apart, and kept out of the step times
+          jax.block_until_ready(train_metrics)
+          last_log_time, last_log_step = time.perf_counter(), step
+          first_step_s = last_log_time - step_started
+          progress.compiled(step, first_step_s)
         step_check.push(step, train_metrics.pop('nonfinite'))  # checks the step before
         last = step == total_steps
         if step % config.log_every == 0 or last:
           step_check.flush()  # non-finite values never reach the logs
           values = runner.metrics_to_host(train_metrics)  # waits for the step
           now = time.perf_counter()
-          step_times.append((now - last_log_time) / (step - last_log_step))
+          if step > last_log_step:
+            step_times.append((now - last_log_time) / (step - last_log_step))
           last_log_time, last_log_step = now, step
           log.write(step, 'train', values)
           progress.update(step, dict(loss=values['loss'], lr=values['lr']))
@@ -441,8 +456,8 @@ def run(config: ml_collections.ConfigDict, workdir: str,
           last_eval = evaluate(eval_step, state, eval_data, step, class_names)
           log.write(step, eval_name, last_eval.metrics)
           if is_main:
-            print(f'step {step} {eval_name} ' + ' '.join(
-                f'{k}={v:.4g}' for k, v in last_eval.metrics.items()), flush=True)
+            progress.write(f'step {step} {eval_name} ' + ' '.join(
+                f'{k}={v:.4g}' for k, v in last_eval.metrics.items()))
           last_log_time = time.perf_counter()  # keep eval out of the step times
         preempted = stop.reached(step)
         selected_metrics = last_eval.metrics if evaluated and select else None
@@ -455,12 +470,14 @@ def run(config: ml_collections.ConfigDict, workdir: str,
         if preempted:
           ckpt.wait()
           raise Preempted.saved(step, ckpt.directory)
+      progress.close()
       step_check.flush()
       if last_eval is None:  # resumed at the final step: evaluate what was restored
         last_eval = evaluate(eval_step, state, eval_data, total_steps, class_names)
       reported = _final_evaluations(last_eval, state, ckpt, runner, abstract_state, eval_step,
                                     test_data, eval_data, class_names, log)
     finally:
+      progress.close()
       ckpt.close()
       log.close()
 
@@ -476,6 +493,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
         last=reported['last'], best=reported['best'],
         wall_time_s=time.time() - wall_start,
         median_step_time_s=statistics.median(step_times) if step_times else None,
+        first_step_time_s=first_step_s,  # compilation included
         resumed_from_step=start_step or None,
         preset=config.freeze.preset, pretrained=config.init.pretrained,
         frozen_stages=freeze.frozen_stage_count(labels, get_entry(config.model.name).stages),
@@ -565,6 +583,7 @@ def _usage_error(message: str) -> None:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     _usage_error(f'unexpected arguments {argv[1:]}')
+  console.quiet_terminal(flags.FLAGS['verbosity'].present)
   if _CONFIG.value is None or _WORKDIR.value is None:
     _usage_error('--config and --workdir are required')
   try:

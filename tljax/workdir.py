@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import socket
 import stat
 import sys
@@ -28,6 +29,7 @@ from tljax.errors import UserError
 CONFIG_FILE = 'config.json'
 RESULTS_FILE = 'results.json'
 METRICS_FILE = 'metrics.jsonl'
+LOG_FILE = 'train.log'  # library INFO logs of process 0 (tljax.console); train.<i>.log of others
 LOCK_FILE = '.tljax-lock'  # exists while a run holds the workdir; names the holder
 # Keys a resumed run may change without invalidating its checkpoints.
 RESUMABLE_CHANGES = (
@@ -38,7 +40,11 @@ RESUMABLE_CHANGES = (
     'sharding.rule', 'sharding.min_size_mb', 'sharding.model_axis',
 )
 RUN_FILES = (CONFIG_FILE, 'model.json', 'checkpoints', 'checkpoints-damaged', METRICS_FILE,
-             RESULTS_FILE, 'confusion_test.png')
+             RESULTS_FILE, 'confusion_test.png', LOG_FILE)
+
+
+def _is_log_file(name: str) -> bool:
+  return name == LOG_FILE or re.fullmatch(r'train\.\d+\.log', name) is not None
 
 
 class WorkdirError(UserError):
@@ -141,7 +147,8 @@ def move_aside(workdir: str) -> str | None:
   """Moves an earlier run's files into `<workdir>/replaced-<time>/` (nothing is deleted);
   returns that folder, or None when there was nothing to move."""
   names = [n for n in os.listdir(workdir)
-           if n in RUN_FILES or n.startswith(('events.out.tfevents', 'results-step'))]
+           if n in RUN_FILES or _is_log_file(n)
+           or n.startswith(('events.out.tfevents', 'results-step'))]
   if not names:
     return None
   target = base = os.path.join(workdir, time.strftime('replaced-%Y%m%d-%H%M%S'))
@@ -233,8 +240,9 @@ def _kind_error(path: str, expected: str) -> WorkdirError:
 def check_run_files(workdir: str) -> None:
   """The files an earlier run left are what a run reads or appends to: each must be of its
   kind and readable, or the run is refused before it writes anything."""
+  logs = [(name, 'file') for name in sorted(os.listdir(workdir)) if _is_log_file(name)]
   for name, kind in ((CONFIG_FILE, 'file'), (RESULTS_FILE, 'file'), (METRICS_FILE, 'file'),
-                     ('checkpoints', 'directory'), ('checkpoints-damaged', 'directory')):
+                     ('checkpoints', 'directory'), ('checkpoints-damaged', 'directory'), *logs):
     path = os.path.join(workdir, name)
     if not os.path.lexists(path):
       continue
@@ -246,6 +254,9 @@ def check_run_files(workdir: str) -> None:
       raise WorkdirError(f'{path}: {e.strerror or e}; move it away') from None
     if not (stat.S_ISDIR(mode) if kind == 'directory' else stat.S_ISREG(mode)):
       raise _kind_error(path, 'directory' if kind == 'directory' else 'regular file')
+    if _is_log_file(name) and not os.access(path, os.W_OK):  # appended to
+      raise WorkdirError(f'{path} is not writable: the run appends its log there; make it '
+                         'writable or move it away')
   _check_metrics_file(os.path.join(workdir, METRICS_FILE))
   read_results(workdir)
   saved_config(workdir)
