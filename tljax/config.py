@@ -30,26 +30,64 @@ class ConfigError(UserError):
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """Every key tljax reads, with its default."""
+  """Every key tljax reads, with its default. The comment on or directly above each key is its
+  documentation: tljax.config_reference renders them as docs/config.md."""
   c = ml_collections.ConfigDict()
-  c.model = dict(name='small_cnn', num_classes=10)
-  c.init = dict(pretrained=placeholder(str),  # zoo name, weights file or tljax workdir
-                dont_load=(), layout=placeholder(str),  # layout: converter for a plain file
-                load_stages=placeholder(int))  # load only the first N of the model's STAGES
+  # The network. Free-form: keys besides these are passed to the model's constructor.
+  c.model = dict(
+      name='small_cnn',  # a registered model (tljax.models.MODELS), e.g. 'resnet50', 'vit_b16'
+      num_classes=10,  # outputs of the classification head
+  )
+  # Initialisation: where pretrained variables come from and which of them are loaded.
+  c.init = dict(
+      # A zoo name (tljax.weights.zoo.ZOO, e.g. 'mobilenet_v2/imagenet'), a weights file or a
+      # tljax workdir; unset: random initialisation
+      pretrained=placeholder(str),
+      # Regexes of variables kept freshly initialised (fullmatch on `params/a/b` or `a/b`), e.g.
+      # a new head
+      dont_load=(),
+      # Converter of a weights file in an outside layout, one of the model's converters
+      # ('torchvision', 'timm', 'hf', 'big_vision', 'lite_pytorch'); unset: tljax's layout
+      layout=placeholder(str),
+      # Load only the first N of the model's STAGES; the later ones keep their fresh init
+      load_stages=placeholder(int),
+  )
+  # The dataset: where examples come from, the splits, preprocessing and batching.
   c.data = dict(
-      source='tfds',  # 'tfds' | 'folder' | 'npz' | 'idx' | 'elpv'
-      name='', path='', data_dir=placeholder(str), image_key='image', label_key='label',
+      source='tfds',  # 'tfds' | 'folder' | 'npz' | 'idx' | 'elpv' (tljax.data.sources)
+      name='',  # TFDS dataset name (source 'tfds'), e.g. 'cifar10'
+      # 'folder': a root of `<split>/<class>/` image folders; 'npz': a file of `<split>_images`
+      # and `<split>_labels` arrays; 'idx': a directory of MNIST-style IDX files; 'elpv': the
+      # dataset's root (empty: the elpv-dataset package)
+      path='',
+      data_dir=placeholder(str),  # TFDS data directory (unset: TFDS's default)
+      image_key='image',  # TFDS feature holding the image
+      label_key='label',  # TFDS feature holding the integer label
       classes=placeholder(tuple),  # keep only these class ids, relabelled 0..n-1 in this order
-      train_split='train', eval_split='test',
+      train_split='train',  # the split trained on
+      # The test split: evaluated at the end (and every eval_every steps without val_split)
+      eval_split='test',
       # Validation: a split name ('val' of a folder, 'train[90%:]' of TFDS) or a fraction of
       # train_split held out (seeded by val_seed, stratified by class, before
       # examples_per_class sampling). With one, periodic evaluation and checkpoint selection
       # run on it and eval_split (the test split) is evaluated only at the end.
-      val_split=None, val_seed=0,
-      image_size=32, resize_size=placeholder(int), channels=3, augment=True,
-      mean=placeholder(tuple), std=placeholder(tuple),
-      batch_size=32, eval_batch_size=placeholder(int),
-      examples_per_class=placeholder(int), subset_seed=0, shuffle_buffer=10_000,
+      val_split=None,
+      val_seed=0,  # seed of the stratified draw that holds out a val_split fraction
+      image_size=32,  # side of the square image the model sees (the crop)
+      # Side images are resized to before the crop (unset: 8/7 of image_size; with
+      # augment=False, image_size itself)
+      resize_size=placeholder(int),
+      channels=3,  # 1 (grayscale) or 3 (RGB)
+      augment=True,  # random crop and horizontal flip of training images
+      # Per-channel mean of pixels scaled to [0, 1] (unset: the pretrained source's, else
+      # ImageNet's)
+      mean=placeholder(tuple),
+      std=placeholder(tuple),  # per-channel standard deviation, as mean
+      batch_size=32,  # global training batch, split over every device and process
+      eval_batch_size=placeholder(int),  # global evaluation batch (unset: batch_size)
+      examples_per_class=placeholder(int),  # train on this many examples per class (unset: all)
+      subset_seed=0,  # seed of the examples_per_class draw
+      shuffle_buffer=10_000,  # examples in the shuffle buffer (capped at the split's size)
       cache_decoded=False,  # keep decoded, resized uint8 images in memory after first use
       # Image folders: leave out (and count) files that cannot be decoded instead of failing.
       skip_corrupt_images=False,
@@ -60,36 +98,71 @@ def base_config() -> ml_collections.ConfigDict:
       # augment=False and a frozen prefix (tljax.features).
       cache_features=False,
   )
+  # The optimizer: one optax transform per trainable group of optim.groups, in one
+  # optax.multi_transform where frozen groups get zero updates (tljax.optim).
   c.optim = dict(
-      name='sgd', lr=0.01, momentum=0.9, nesterov=False, weight_decay=0.0,
-      b1=0.9, b2=0.999, eps=1e-8, clip_norm=placeholder(float), label_smoothing=0.0,
-      schedule=dict(name='cosine', warmup_steps=0, end_factor=0.0, boundaries=(0.5, 0.75),
-                    decay_factor=0.1),
+      name='sgd',  # 'sgd' | 'adam' | 'adamw'
+      lr=0.01,  # base learning rate: the schedule's peak, times each group's lr_mult
+      momentum=0.9,  # SGD momentum (0: none)
+      nesterov=False,  # Nesterov momentum for SGD
+      # Weight decay of kernels and embeddings (never biases or norm scales): decoupled for
+      # 'adamw', added to the gradients for 'sgd', unused by 'adam'
+      weight_decay=0.0,
+      b1=0.9,  # Adam(W) decay rate of the first moment
+      b2=0.999,  # Adam(W) decay rate of the second moment
+      eps=1e-8,  # Adam(W) epsilon, added to the denominator
+      clip_norm=placeholder(float),  # clip trainable gradients to this global norm (unset: none)
+      label_smoothing=0.0,  # label smoothing of the training cross-entropy (0: none)
+      # Learning-rate schedule: linear warmup from 0 to optim.lr, then the decay named.
+      schedule=dict(
+          name='cosine',  # 'constant' | 'cosine' | 'linear' | 'step'
+          warmup_steps=0,  # steps of linear warmup
+          end_factor=0.0,  # 'cosine' and 'linear': the final lr as a fraction of optim.lr
+          boundaries=(0.5, 0.75),  # 'step': fractions of the steps after warmup where lr drops
+          decay_factor=0.1,  # 'step': what each boundary multiplies the lr by
+      ),
+      # Freeze groups: ordered (regex, rule) pairs, fullmatched on `a/b/c` parameter paths, first
+      # match wins; rule None freezes, a dict may set lr_mult and wd_mult (tljax.freeze)
       groups=[('.*', {})],
       grad_accum_steps=1,  # split each batch into this many sequential microbatches
   )
-  # Named freeze depth instead of optim.groups: 'full', 'linear_probe', 'scratch' (full, no
-  # pretrained init) or 'stages:K' (first K of the model's STAGES frozen).
-  c.freeze = dict(preset=placeholder(str), head_lr_mult=1.0)
-  # Extra eval accuracies over merged classes, e.g. {'binary': ((0, 1), (2, 3))}.
+  # Named freeze depth instead of optim.groups; tljax.train.resolve_config writes it out as
+  # optim.groups.
+  c.freeze = dict(
+      # 'full', 'linear_probe', 'scratch' (full, no pretrained init) or 'stages:K' (first K of
+      # the model's STAGES frozen); unset: optim.groups as given
+      preset=placeholder(str),
+      head_lr_mult=1.0,  # learning-rate multiplier of the head (the last stage) under a preset
+  )
+  # Extra eval accuracies over merged classes, e.g. {'binary': ((0, 1), (2, 3))}, reported as
+  # accuracy_<name>. Free-form: one key per grouping; none by default.
   c.eval_groupings = ml_collections.ConfigDict()
   # Which checkpoint a run with a validation split selects as `best` (kept besides the latest
-  # ones): a validation metric (loss, accuracy, balanced_accuracy, macro_f1, accuracy_<grouping>)
-  # and whether higher ('max') or lower ('min') is better; unset, 'min' for loss, else 'max'.
-  c.select = dict(metric='accuracy', mode=placeholder(str))
-  c.total_steps = 100
+  # ones), by a validation metric.
+  c.select = dict(
+      # 'accuracy', 'balanced_accuracy', 'macro_f1', 'loss' or 'accuracy_<grouping>'
+      metric='accuracy',
+      # Whether higher ('max') or lower ('min') is better; unset: 'min' for loss, else 'max'
+      mode=placeholder(str),
+  )
+  c.total_steps = 100  # training steps
   c.total_epochs = placeholder(float)  # when set, overrides total_steps
-  c.log_every = 10
-  c.eval_every = 0  # 0: evaluate at the end only
-  c.checkpoint_every = 50
-  c.keep_checkpoints = 3
-  c.seed = 0
+  c.log_every = 10  # steps between logged training metrics
+  c.eval_every = 0  # steps between evaluations; 0: evaluate at the end only
+  c.checkpoint_every = 50  # steps between checkpoints (the last step is always saved)
+  c.keep_checkpoints = 3  # newest checkpoints kept (a selected best one is kept besides)
+  c.seed = 0  # seed of initialisation, shuffling, augmentation and dropout
   c.parallel = 'jit'  # 'jit' (sharded over a mesh) | 'pmap'
-  # Where the train state lives under parallel='jit' (tljax.partition). rule='fsdp' splits every
-  # parameter, optimizer-state and BatchNorm leaf of at least min_size_mb over the 'data' axis;
-  # model_axis=M > 1 makes the mesh 2-D ('data', 'model') and splits large leaves' last
-  # dimension over M devices of one process.
-  c.sharding = dict(rule='replicate', min_size_mb=4.0, model_axis=1)
+  # Where the train state lives under parallel='jit' (tljax.partition).
+  c.sharding = dict(
+      # 'replicate', or 'fsdp': split every parameter, optimizer-state and BatchNorm leaf of at
+      # least min_size_mb over the 'data' axis
+      rule='replicate',
+      min_size_mb=4.0,  # leaves smaller than this stay replicated
+      # M > 1 makes the mesh 2-D ('data', 'model') and splits large leaves' last dimension over
+      # M devices of one process
+      model_axis=1,
+  )
   # Mixed precision: parameters stay float32; the step computes in this dtype.
   c.compute_dtype = 'float32'  # 'float32' | 'bfloat16' | 'float16'
   return c
