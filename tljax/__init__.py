@@ -7,18 +7,21 @@ from collections.abc import Sequence
 from typing import Any
 
 
-def create(name: str, num_classes: int | None = None, pretrained: str | None = None,
+def create(name: str, num_classes: int | None = None, pretrained: str | bool | None = None,
            image_size: int | None = None, channels: int = 3, seed: int = 0,
            dont_load: Sequence[str] | None = None, layout: str | None = None,
            **model_kwargs: Any) -> tuple[Any, dict[str, Any]]:
   """The registered model `name` and its variables (`params`, `batch_stats`), timm-style.
 
-  `pretrained` is a zoo name (`tljax.weights.zoo.ZOO`), a weights file (with `layout`) or a
-  tljax workdir. Asking a zoo source for another `num_classes` gives a fresh zero head.
+  `pretrained` is a zoo name (`tljax.weights.zoo.ZOO`), True (the model's zoo weights, as timm
+  takes it), a weights file (with `layout`) or a tljax workdir. Asking a zoo source for another
+  `num_classes` gives a fresh zero head.
   """
   from tljax.models import build_model, get_entry, init_variables
   from tljax.weights import load, zoo
 
+  if pretrained is True:
+    pretrained = zoo.default_for(name)
   entry = zoo.ZOO.get(pretrained) if pretrained else None
   if entry is not None:
     model_kwargs = {**dict(entry.model_kwargs), **model_kwargs}

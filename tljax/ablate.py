@@ -20,7 +20,7 @@ import ml_collections
 from tljax import cli, preemption, report
 from tljax import config as config_lib
 from tljax import workdir as workdir_lib
-from tljax.errors import PREEMPTED_EXIT_CODE, Preempted, UserError
+from tljax.errors import PREEMPTED_EXIT_CODE, Preempted, UserError, exit_status
 from tljax.sweep import Sweep, Variant, command, expand, variant_config
 
 
@@ -111,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows = run_sweep(sweep, args.workdir)
   except UserError as e:
     print('error: ' + ' '.join(str(e).splitlines()), file=sys.stderr)  # one line, always
-    sys.exit(2)
+    sys.exit(exit_status(e))
   except Preempted as e:  # the rerun skips finished variants and resumes this one
     print(str(e), file=sys.stderr)
     sys.exit(PREEMPTED_EXIT_CODE)

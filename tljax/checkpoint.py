@@ -29,13 +29,13 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from tljax.errors import UserError
+from tljax.errors import TrainingFailed, UserError
 
 TMP_SUFFIX = '.orbax-checkpoint-tmp'
 DAMAGED_DIR = 'checkpoints-damaged'
 
 
-class CheckpointWriteError(UserError):
+class CheckpointWriteError(TrainingFailed):
   """A checkpoint could not be written (disk full, quota, permissions); earlier ones are
   intact."""
 

@@ -268,16 +268,29 @@ def load_config_file(spec: str, expect: type | tuple[type, ...] | None = None) -
 _TRUE, _FALSE = ('true', '1', 'yes'), ('false', '0', 'no')
 
 
+def _nullable(key: str) -> bool:
+  """Whether the base config's default of `key` is None (a key that may be unset)."""
+  node: Any = base_config()
+  for part in key.split('.'):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      return False
+    node = node[part]
+  return node is None
+
+
 def parse_override(config: ml_collections.ConfigDict, key: str, text: str) -> Any:
   """The value `--config.KEY=TEXT` sets, read by the field's type in `config`: the text itself
   for strings, a number for numbers, true/false for booleans, and a Python literal (parsed,
-  never evaluated) for tuples, dicts and None; text that is no literal stays a string."""
+  never evaluated) for tuples, dicts and None; text that is no literal stays a string. `None`
+  unsets a key whose default is None."""
   node = config
   for part in key.split('.')[:-1]:
     node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
   leaf = key.split('.')[-1]
   field_type = (node.get_type(leaf) if isinstance(node, ml_collections.ConfigDict)
                 and leaf in node else None)
+  if text == 'None' and _nullable(key):  # e.g. --config.init.pretrained=None
+    return None
   try:
     if field_type is str:
       return text

@@ -93,9 +93,11 @@ def check_deterministic(model: nn.Module, variables: Any, images: jax.Array,
   in_train = prefix_features(model, variables, images, module_name, train=True,
                              rngs={'dropout': jax.random.key(1)})
   if not np.allclose(np.asarray(in_eval), np.asarray(in_train), rtol=1e-5, atol=1e-6):
+    fix = ('--config.model.dropout=0.0' if isinstance(getattr(model, 'dropout', None), float)
+           else "the model's dropout before that stage to 0")
     raise CacheError(f'data.cache_features: the frozen layers before stage {module_name!r} '
-                     'are random in training (dropout?); set the model\'s dropout before '
-                     'that stage to 0 (e.g. --config.model.dropout=0.0) or turn caching off')
+                     f'are random in training (dropout); set {fix}, or turn caching off '
+                     '(--config.data.cache_features=false)')
 
 
 def compute(model: nn.Module, variables: Any, batches: Iterable[dict[str, np.ndarray]],

@@ -15,7 +15,7 @@ from tljax.data import tf_quiet  # noqa: F401  (first: clu imports TensorFlow)
 from clu import metric_writers
 # isort: on
 
-from tljax.errors import UserError
+from tljax.errors import TrainingFailed
 
 METRICS_FILE = 'metrics.jsonl'
 
@@ -38,7 +38,7 @@ class MetricsLog:
         with open(self.path, 'a') as f:
           f.write(json.dumps({'step': step, 'split': split, **values}) + '\n')
       except OSError as e:  # a line cut short is dropped when the run resumes
-        raise UserError(f'could not write {self.path}: {e.strerror or e}; free space and run '
+        raise TrainingFailed(f'could not write {self.path}: {e.strerror or e}; free space and run '
                         'the same command again to resume') from None
 
   def close(self) -> None:

@@ -13,10 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tljax.errors import UserError
+from tljax.errors import TrainingFailed
 
 
-class NonFiniteError(UserError):
+class NonFiniteError(TrainingFailed):
   """A NaN or Inf in the loss, a gradient or the state; the message names the step and leaf."""
 
 

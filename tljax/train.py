@@ -47,7 +47,7 @@ from tljax import (
 from tljax import config as config_lib
 from tljax import workdir as workdir_lib
 from tljax.data import pipeline, sources
-from tljax.errors import PREEMPTED_EXIT_CODE, Preempted, UserError
+from tljax.errors import PREEMPTED_EXIT_CODE, Preempted, UserError, exit_status
 from tljax.models import build_model, get_entry, init_variables
 from tljax.models.layers import NormSpec
 from tljax.weights import load as weights_load
@@ -321,8 +321,11 @@ def _run(config: ml_collections.ConfigDict, workdir: str, source: sources.Source
           flush=True)
   model, params, batch_stats, groups, labels = create_train_state(config)
   groupings = grouping_tables(config)
-  if config.data.cache_features:
-    _feature_cut(config, labels)  # checked now; the features are computed after the writes
+  if config.data.cache_features:  # checked now; the features are computed after the writes
+    probe = np.random.default_rng(0).normal(
+        size=(2, config.data.image_size, config.data.image_size, config.data.channels))
+    features.check_deterministic(model, dict(params=params, batch_stats=batch_stats),
+                                 jnp.asarray(probe, jnp.float32), _feature_cut(config, labels))
   config_json = config.to_json_best_effort(indent=2)
   mask = freeze.trainable_mask(labels)
   optimizer, schedule = optim.make_optimizer(config.optim, groups, labels, total_steps)
@@ -599,7 +602,7 @@ def main(argv: list[str]) -> None:
     run(config, _WORKDIR.value, fresh=_FRESH.value)
   except UserError as e:
     print('error: ' + ' '.join(str(e).splitlines()), file=sys.stderr)  # one line, always
-    sys.exit(2)
+    sys.exit(exit_status(e))
   except Preempted as e:
     print(str(e), file=sys.stderr)
     sys.exit(PREEMPTED_EXIT_CODE)

@@ -24,7 +24,7 @@ from typing import Any
 
 from flax import traverse_util
 
-from tljax.errors import UserError
+from tljax.errors import TrainingFailed, UserError
 
 CONFIG_FILE = 'config.json'
 RESULTS_FILE = 'results.json'
@@ -90,8 +90,8 @@ def write_json(path: str, value: Any) -> None:
   except OSError as e:  # a full disk or quota: the earlier file, if any, is still whole
     with contextlib.suppress(OSError):
       os.remove(tmp)
-    raise WorkdirError(f'could not write {path}: {e.strerror or e}; free space and run the '
-                       'same command again') from None
+    raise TrainingFailed(f'could not write {path}: {e.strerror or e}; free space and run the '
+                         'same command again') from None
 
 
 def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any],

@@ -6,6 +6,7 @@ import contextlib
 import os
 import sys
 import tempfile
+from collections.abc import Iterator
 
 # What TensorFlow's native code printed while it was imported; tljax.console puts it in a run's
 # log file.
@@ -15,35 +16,35 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 
 @contextlib.contextmanager
-def _native_stderr_collected(name: str):
-  """Collects what native code writes to fd 2 meanwhile into NATIVE_OUTPUT, or gives it back on
-  stderr if the block fails (it may say why)."""
+def native_stderr_collected() -> Iterator[list[str]]:
+  """Collects what native code writes to fd 2 meanwhile: the yielded list holds the text once
+  the block ends (the caller decides whether to show it)."""
+  collected: list[str] = []
   try:
     sys.stderr.flush()
     saved = os.dup(2)
   except (OSError, ValueError):  # no usable fd 2: nothing to collect
-    yield
+    yield collected
     return
   with tempfile.TemporaryFile() as captured:
     os.dup2(captured.fileno(), 2)
-    failed = True
     try:
-      yield
-      failed = False
+      yield collected
     finally:
       os.dup2(saved, 2)
       os.close(saved)
       captured.seek(0)
-      text = captured.read().decode(errors='replace')
-      if failed:
-        sys.stderr.write(text)
-      elif text.strip():
-        NATIVE_OUTPUT.append(f'{name} start-up output:\n{text.rstrip()}')
+      collected.append(captured.read().decode(errors='replace'))
 
 
-with _native_stderr_collected('tensorflow'):
-  import tensorflow as tf  # noqa: E402
-
+try:
+  with native_stderr_collected() as _startup:
+    import tensorflow as tf  # noqa: E402
+except BaseException:
+  sys.stderr.write(''.join(_startup))  # it may say why the import failed
+  raise
+NATIVE_OUTPUT.extend(f'tensorflow start-up output:\n{text.rstrip()}' for text in _startup
+                     if text.strip())
 tf.config.set_visible_devices([], 'GPU')
 try:
   tf.config.set_visible_devices([], 'TPU')

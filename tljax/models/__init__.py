@@ -11,7 +11,16 @@ import jax
 import jax.numpy as jnp
 
 from tljax.errors import UserError
-from tljax.models import bert, efficientnet_lite, layered_cnn, mobilenet_v2, resnet, small_cnn, vit
+from tljax.models import (
+  bert,
+  efficientnet_lite,
+  layered_cnn,
+  layers,
+  mobilenet_v2,
+  resnet,
+  small_cnn,
+  vit,
+)
 
 
 def _image_input(size: int, channels: int) -> tuple[jax.Array]:
@@ -37,8 +46,11 @@ class ModelEntry:
   resizers: Mapping[str, Callable] = dataclasses.field(default_factory=dict)
   example_input: Callable[[int, int], tuple] = _image_input
   exporters: Mapping[str, Callable[[Mapping], dict]] = dataclasses.field(default_factory=dict)
+  # Model arguments that take one of a few names, checked before the model is built.
+  choices: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
 
+_DEPTHWISE = dict(depthwise_impl=layers.DEPTHWISE_IMPLS)
 _RESNET = dict(torchvision=resnet.from_torchvision, timm=resnet.from_torchvision, hf=resnet.from_hf)
 
 
@@ -52,14 +64,14 @@ def _efficientnet_lite(variant: int) -> ModelEntry:
   return ModelEntry(functools.partial(efficientnet_lite.EfficientNetLite, width_mult=width,
                                       depth_mult=depth),
                     efficientnet_lite.STAGES,
-                    dict(lite_pytorch=efficientnet_lite.from_lite_pytorch))
+                    dict(lite_pytorch=efficientnet_lite.from_lite_pytorch), choices=_DEPTHWISE)
 
 
 def _vit(size: str, patch: int) -> ModelEntry:
   return ModelEntry(functools.partial(vit.build, size, patch),
                     vit.stages(vit.SIZES[size][1]),
                     dict(hf=vit.from_hf, timm=vit.from_timm, big_vision=vit.from_big_vision),
-                    vit.RESIZERS)
+                    vit.RESIZERS, choices=dict(pool=vit.POOLS))
 
 
 def _bert(width: int, depth: int, heads: int) -> ModelEntry:
@@ -77,7 +89,8 @@ MODELS: dict[str, ModelEntry] = {
     'resnet101': _resnet((3, 4, 23, 3), resnet.Bottleneck),
     'mobilenet_v2': ModelEntry(mobilenet_v2.MobileNetV2, mobilenet_v2.STAGES,
                                dict(torchvision=mobilenet_v2.from_torchvision),
-                               exporters=dict(torchvision=mobilenet_v2.to_torchvision)),
+                               exporters=dict(torchvision=mobilenet_v2.to_torchvision),
+                               choices=_DEPTHWISE),
     **{f'efficientnet_lite{v}': _efficientnet_lite(v) for v in efficientnet_lite.VARIANTS},
     'vit_ti16': _vit('ti', 16), 'vit_s16': _vit('s', 16), 'vit_b16': _vit('b', 16),
     'vit_b32': _vit('b', 32), 'vit_l16': _vit('l', 16),
@@ -94,8 +107,13 @@ def get_entry(name: str) -> ModelEntry:
 
 def build_model(name: str, **kwargs) -> nn.Module:
   """Builds the Linen module registered as `name` with its keyword arguments."""
+  entry = get_entry(name)
+  for key, allowed in entry.choices.items():
+    if key in kwargs and kwargs[key] not in allowed:
+      raise UserError(f'model.{key}={kwargs[key]!r} is not one of {", ".join(map(repr, allowed))}'
+                      f' (model {name!r})')
   try:
-    return get_entry(name).build(**kwargs)
+    return entry.build(**kwargs)
   except TypeError as e:
     raise UserError(f'model {name!r} (config key model) does not accept the arguments '
                     f'{sorted(kwargs)}: {e}') from None

@@ -45,6 +45,9 @@ class EncoderBlock(nn.Module):
     return x + nn.Dropout(self.dropout, deterministic=not train)(y)
 
 
+POOLS = ('tok', 'gap')
+
+
 class ViT(nn.Module):
   num_classes: int = 1000
   patch_size: int = 16
@@ -52,7 +55,7 @@ class ViT(nn.Module):
   depth: int = 12
   num_heads: int = 12
   mlp_dim: int = 3072
-  pool: str = 'tok'  # 'tok': the class token; 'gap': mean of the patch tokens
+  pool: str = 'tok'  # one of POOLS: 'tok', the class token; 'gap', mean of the patch tokens
   epsilon: float = 1e-6  # timm and big_vision; HF ViT uses 1e-12
   gelu_approximate: bool = False  # big_vision trains with the tanh approximation
   dropout: float = 0.0
@@ -66,6 +69,8 @@ class ViT(nn.Module):
       x = EncoderBlock(self.num_heads, self.mlp_dim, self.epsilon, self.gelu_approximate,
                        self.dropout, name=f'block{i}')(x, train)
     x = nn.LayerNorm(self.epsilon, name='norm')(x)
+    if self.pool not in POOLS:  # never a silent fallback
+      raise ValueError(f'pool must be one of {POOLS}, got {self.pool!r}')
     x = x[:, 0] if self.pool == 'tok' else jnp.mean(x[:, 1:], axis=1)
     return nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, name='head')(x)
 

@@ -8,6 +8,7 @@ network; never in tests). Files are checked against `sha256` before a byte is pa
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib.util
@@ -86,6 +87,16 @@ def get(name: str) -> ZooEntry:
   return ZOO[name]
 
 
+def default_for(model: str) -> str:
+  """The zoo name of `model`'s pretrained weights (the first listed), for `pretrained=True`."""
+  for name, entry in ZOO.items():
+    if entry.model == model:
+      return name
+  models = sorted({entry.model for entry in ZOO.values()})
+  raise WeightsError(f'pretrained=True: the zoo has no weights for model {model!r} (it has '
+                     f'{", ".join(models)}); name a weights file or a tljax workdir instead')
+
+
 def _package_file(where: str, install: str) -> str:
   module, _, relative = where.removeprefix('package:').partition('/')
   spec = importlib.util.find_spec(module)
@@ -97,20 +108,26 @@ def _package_file(where: str, install: str) -> str:
   return path
 
 
+def cache_path(url: str) -> str:
+  """Where a downloaded file is kept (and where one fetched by hand may be put): keyed by the
+  whole URL, so two URLs ending in the same file name are two files."""
+  return os.path.join(CACHE, hashlib.sha256(url.encode()).hexdigest()[:16],
+                      os.path.basename(url))
+
+
 def _download(url: str) -> str:
-  """Fetches `url` once into the cache; a partial download never takes the final name. The
-  cache is keyed by the whole URL: two URLs ending in the same file name are two files."""
-  directory = os.path.join(CACHE, hashlib.sha256(url.encode()).hexdigest()[:16])
-  path = os.path.join(directory, os.path.basename(url))
+  """Fetches `url` once into the cache; a partial download never takes the final name."""
+  path = cache_path(url)
   if os.path.isfile(path):
     return path
+  directory = os.path.dirname(path)
   os.makedirs(directory, exist_ok=True)
   fd, partial = tempfile.mkstemp(dir=directory, suffix='.partial')
   try:
     with os.fdopen(fd, 'wb') as out:
       if url.startswith('gs://'):
-        import tensorflow as tf
-        with tf.io.gfile.GFile(url, 'rb') as src:
+        from tljax.data.tf_quiet import native_stderr_collected, tf
+        with native_stderr_collected(), tf.io.gfile.GFile(url, 'rb') as src:  # its auth notes
           shutil.copyfileobj(src, out)
       else:
         with urllib.request.urlopen(url) as src:  # noqa: S310 (https only, from the zoo table)
@@ -118,12 +135,22 @@ def _download(url: str) -> str:
     os.replace(partial, path)
   except BaseException as e:
     os.unlink(partial)
+    with contextlib.suppress(OSError):  # leave no empty folder behind
+      os.rmdir(directory)
     if isinstance(e, Exception):  # no network, no such file, refused: one line, not a trace
-      reason = ' '.join(f'{type(e).__name__}: {e}'.split())[:200]
-      raise WeightsError(f'{url}: cannot download it ({reason}); without network access, '
-                         'fetch it elsewhere and set init.pretrained to the file') from None
+      reason = ' '.join(f'{type(e).__name__}: {e}'.split())[:160]
+      raise DownloadError(url, path, reason) from None
     raise
   return path
+
+
+class DownloadError(WeightsError):
+  """A file that could not be downloaded; `fetch` says what to do about it."""
+
+  def __init__(self, url: str, path: str, reason: str):
+    super().__init__(f'{url}: cannot download it ({reason}); without network access, fetch it '
+                     f'elsewhere and put it at {path}, or name the file in init.pretrained')
+    self.url, self.path, self.reason = url, path, reason
 
 
 def locate(where: str, install: str = '') -> str:
@@ -140,10 +167,28 @@ def locate(where: str, install: str = '') -> str:
   return where
 
 
+def file_flags(entry: ZooEntry) -> list[str]:
+  """The overrides that read `entry`'s file, put anywhere (FILE), as the zoo name does."""
+  flags = ['--config.init.pretrained=FILE', f'--config.init.layout={entry.layout}']
+  for key, value in entry.model_kwargs:
+    flags.append(f'--config.model.{key}={str(value).lower() if isinstance(value, bool) else value}')
+  if (entry.preprocessing.mean, entry.preprocessing.std) != (IMAGENET_MEAN, IMAGENET_STD):
+    flags += [f"--config.data.mean='{entry.preprocessing.mean}'",
+              f"--config.data.std='{entry.preprocessing.std}'"]
+  return flags
+
+
 def fetch(name: str) -> str:
   """The checked local file of zoo entry `name`."""
   entry = get(name)
-  path = locate(entry.where, entry.install)
+  try:
+    path = locate(entry.where, entry.install)
+  except DownloadError as e:
+    checked = ' (it is checked against its sha256)' if entry.sha256 else ''
+    raise WeightsError(
+        f'zoo entry {name!r}: its file {os.path.basename(e.url)} is not here and cannot be '
+        f'downloaded ({e.reason}). Fetch {e.url} on a machine with network and put it at '
+        f'{e.path}{checked}, or use the file directly: {" ".join(file_flags(entry))}') from None
   if entry.sha256:
     verify_sha256(path, entry.sha256)
   else:
