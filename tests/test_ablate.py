@@ -11,7 +11,7 @@ import sys
 import textwrap
 
 import pytest
-from conftest import REPO
+from helpers import REPO
 from PIL import Image
 
 from tljax import ablate, report, train
@@ -108,6 +108,16 @@ def _group_stats(sweep_dir, group, key='accuracy'):
   return statistics.fmean(values), statistics.stdev(values)
 
 
+def _record_runs(monkeypatch) -> list[str]:
+  """The workdirs train.run is called with from now on (the runs still happen)."""
+  calls = []
+  real_run = train.run
+  monkeypatch.setattr(train, 'run', lambda config, workdir: calls.append(workdir) or
+                      real_run(config, workdir))
+  return calls
+
+
+@pytest.mark.slow
 def test_sweep_runs_gathers_skips_resumes_and_refuses_changed_configs(
     base_file, tmp_path, monkeypatch, capsys):
   sweep_dir = str(tmp_path / 'sweep')
@@ -133,10 +143,7 @@ def test_sweep_runs_gathers_skips_resumes_and_refuses_changed_configs(
     assert image.format == 'PNG' and image.width > 300
 
   # The same command again runs nothing.
-  calls = []
-  real_run = train.run
-  monkeypatch.setattr(train, 'run', lambda config, workdir: calls.append(workdir) or
-                      real_run(config, workdir))
+  calls = _record_runs(monkeypatch)
   capsys.readouterr()
   ablate.run_sweep(sweep, sweep_dir)
   assert calls == []
@@ -166,6 +173,7 @@ def test_sweep_runs_gathers_skips_resumes_and_refuses_changed_configs(
   assert open(os.path.join(sweep_dir, 'results.md')).read() == results_before
 
 
+@pytest.mark.slow
 def test_printed_commands_run_as_is_and_match_the_in_process_variant(base_file, tmp_path,
                                                                       monkeypatch):
   sweep_file = tmp_path / 'sweep.py'
@@ -192,10 +200,7 @@ def test_printed_commands_run_as_is_and_match_the_in_process_variant(base_file, 
   subprocess.run(lines[0], shell=True, cwd=REPO, env=env, check=True, capture_output=True)
 
   # The sweep runner sees the command's run as its own finished variant: same config.
-  calls = []
-  real_run = train.run
-  monkeypatch.setattr(train, 'run', lambda config, workdir: calls.append(workdir) or
-                      real_run(config, workdir))
+  calls = _record_runs(monkeypatch)
   ablate.run_sweep(ablate.load_sweep(str(sweep_file)), sweep_dir)
   assert calls == [os.path.join(sweep_dir, 'probe-kall-seed0')]
 

@@ -5,12 +5,20 @@ import io
 import os
 import shutil
 import struct
-import tempfile
 import zlib
 
 import numpy as np
 import pytest
-from conftest import make_arrays, small_config, snapshot, write_npz
+from helpers import (
+  array_source,
+  as_nobody,
+  make_arrays,
+  small_config,
+  snapshot,
+  walkable_copy,
+  write_npz,
+)
+from hostile_files import write_malicious
 from PIL import Image
 
 from tljax import train, workdir
@@ -18,15 +26,6 @@ from tljax.data.sources import DataError
 from tljax.errors import UserError
 from tljax.weights import zoo
 from tljax.weights.errors import WeightsError
-
-
-@pytest.fixture(scope='module')
-def earlier_run(tmp_path_factory):
-  """A finished 6-step run (checkpoints 3 and 6) and the npz it trained on."""
-  root = tmp_path_factory.mktemp('earlier')
-  data = write_npz(root / 'data.npz')
-  train.run(small_config(**{'data.path': str(data)}), str(root / 'run'))
-  return root / 'run', str(data)
 
 
 def _refused(run_dir, config, error=UserError, match=None, **kwargs) -> str:
@@ -249,62 +248,57 @@ def test_checkpoints_of_another_config_are_refused_then_moved_aside_with_fresh(e
   assert sorted(os.listdir(run_dir / 'checkpoints')) == ['3', '6']
 
 
-def _weights_files(tmp_path):
-  import torch
+def _weights_file(tmp_path, kind):
+  """One small stem kernel saved as `w.<kind>` (safetensors, pth or npz)."""
   from safetensors.numpy import save_file
   arrays = {'stem/conv/kernel': np.ones((3, 3, 3, 4), np.float32)}
-  save_file(arrays, tmp_path / 'w.safetensors')
-  torch.save({k: torch.ones(v.shape) for k, v in arrays.items()}, tmp_path / 'w.pth')
-  np.savez(tmp_path / 'w.npz', **{k.replace('/', '.'): v for k, v in arrays.items()})
-  return [tmp_path / f'w.{suffix}' for suffix in ('safetensors', 'pth', 'npz')]
+  path = tmp_path / f'w.{kind}'
+  if kind == 'safetensors':
+    save_file(arrays, path)
+  elif kind == 'pth':
+    torch = pytest.importorskip('torch')
+    torch.save({k: torch.ones(v.shape) for k, v in arrays.items()}, path)
+  else:
+    np.savez(path, **{k.replace('/', '.'): v for k, v in arrays.items()})
+  return path
 
 
-@pytest.mark.parametrize('kind', ['safetensors', 'pth', 'npz'])
-def test_truncated_pretrained_file(earlier_run, tmp_path, kind):
+@pytest.mark.parametrize('kind,reason', [
+    ('safetensors', 'not a readable safetensors file'),
+    ('pth', 'truncated or corrupt zip archive'), ('npz', 'cannot be read as plain arrays')])
+def test_truncated_pretrained_file(earlier_run, tmp_path, kind, reason):
   run_dir, data = earlier_run
-  [path] = [p for p in _weights_files(tmp_path) if p.suffix == f'.{kind}']
+  path = _weights_file(tmp_path, kind)
   path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
   message = _refused(run_dir, small_config(**{'data.path': data, 'init.pretrained': str(path)}),
                      WeightsError)
-  assert message.startswith(f'{path}: ')
-  assert 'truncated' in message or 'not a readable' in message
+  assert message.startswith(f'{path}: {reason}'), message
 
 
-def test_sha256_mismatch(earlier_run, tmp_path, monkeypatch):
+def test_sha256_mismatch_fails_before_the_file_is_parsed(earlier_run, tmp_path, monkeypatch):
   run_dir, data = earlier_run
-  [path] = [p for p in _weights_files(tmp_path) if p.suffix == '.npz']
+  path, marker = tmp_path / 'weights.pth', tmp_path / 'pwned'
+  write_malicious(path, marker, zip_format=True)  # parsing it would be refused differently
   entry = zoo.ZooEntry('small_cnn', 'tljax', str(path), '0' * 64, 3, labels=None)
   monkeypatch.setitem(zoo.ZOO, 'small_cnn/test', entry)
   config = small_config(**{'data.path': data, 'init.pretrained': 'small_cnn/test'})
   message = _refused(run_dir, config, WeightsError)
-  assert f'{path}: sha256 ' in message and 'does not match the expected 0000' in message
+  assert message.startswith(f'{path}: sha256 ') and 'does not match the expected 0000' in message
+  assert not marker.exists()
 
 
 def test_unwritable_workdir(earlier_run):
-  """Permission bits do not stop root, so as root the run switches to the `nobody` user."""
+  """As `nobody` when run as root (permission bits do not stop root); the data in memory, as
+  `nobody` cannot read the npz under pytest's tmp_path."""
   earlier, data = earlier_run
-  base = tempfile.mkdtemp()  # /tmp: a path `nobody` can walk
-  run_dir = os.path.join(base, 'run')
-  shutil.copytree(earlier, run_dir)
-  os.chmod(base, 0o755)
-  os.chmod(run_dir, 0o555)
-  before = snapshot(run_dir)
-  arrays = np.load(data)
-  source = train.sources.ArraySource({
-      'train': (arrays['train_images'], arrays['train_labels']),
-      'test': (arrays['test_images'], arrays['test_labels'])})
-  as_root = os.geteuid() == 0
-  try:
-    if as_root:
-      os.seteuid(65534)
-    with pytest.raises(workdir.WorkdirError, match=f'workdir {run_dir!r} is not writable'):
+  source = array_source()  # the arrays write_npz saved
+  with walkable_copy(earlier) as run_dir:
+    os.chmod(run_dir, 0o555)
+    before = snapshot(run_dir)
+    with as_nobody(), pytest.raises(workdir.WorkdirError,
+                                    match=f'workdir {run_dir!r} is not writable'):
       train.run(small_config(**{'data.path': data}), run_dir, source=source)
-  finally:
-    if as_root:
-      os.seteuid(0)
-    os.chmod(run_dir, 0o755)
-  assert snapshot(run_dir) == before
-  shutil.rmtree(base)
+    assert snapshot(run_dir) == before
 
 
 def test_keys_added_since_an_earlier_run_count_as_their_defaults():

@@ -9,20 +9,20 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import REPO, small_config, snapshot, write_npz
+from helpers import REPO, finished_run, snapshot
 
-from tljax import train
+# Some 20 commands, two processes at a time: about 45 s.
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 ARRAYS = f'--config={REPO}/configs/tests/arrays.py'
 
 
 @pytest.fixture(scope='module')
 def earlier(tmp_path_factory):
+  """A finished run of configs/tests/arrays.py's config, which the commands below name."""
   root = tmp_path_factory.mktemp('cli')
-  data = write_npz(root / 'data.npz')
-  config = small_config(**{'data.path': str(data), 'data.resize_size': 18})  # arrays.py's
-  train.run(config, str(root / 'run'))
-  return root, str(data)
+  _, data = finished_run(root, **{'data.resize_size': 18})  # arrays.py's
+  return root, data
 
 
 def _files(root):
@@ -65,6 +65,10 @@ def _cases(root, data):
   override = f'--config.data.path={data}'
   train_cmd = ['-m', 'tljax.train']
   return [
+      ('misspelt override', [*train_cmd, ARRAYS, run, override, '--config.optim.lrr=0.1'],
+       2, "unknown config key 'optim.lrr' in override"),
+      ('unknown model', [*train_cmd, ARRAYS, run, override, '--config.model.name=resnet_9000'],
+       2, "unknown model 'resnet_9000'"),
       ('keep_checkpoints=0', [*train_cmd, ARRAYS, run, override, '--config.keep_checkpoints=0'],
        2, 'keep_checkpoints=0 must be an integer >= 1'),
       ('total below the saved step', [*train_cmd, ARRAYS, run, override,

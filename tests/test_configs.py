@@ -2,13 +2,14 @@
 
 import glob
 import os
+import shlex
 
 import pytest
 import tensorflow_datasets as tfds
-from conftest import REPO
+from helpers import REPO
 
 from tljax import ablate, train
-from tljax.config import load_config_file
+from tljax.config import apply_overrides, load_config_file
 from tljax.sweep import command, expand, variant_config
 
 SWEEPS = sorted(glob.glob(os.path.join(REPO, 'configs', 'ablations', '*.py')))
@@ -26,8 +27,20 @@ def test_sweep_config_expands_to_valid_runs_in_a_usable_order(path, monkeypatch)
   assert len(variants) >= (3 if arg else 10)
   seen = set()
   for variant in variants:
-    config = train.resolve_config(variant_config(base, variant))
-    command(sweep, variant, '/sweep', base)
+    in_process = variant_config(base, variant)
+    config = train.resolve_config(in_process)
+    # The printed command runs this variant alone: its flags, read as tljax.train reads them,
+    # give the config the in-process runner uses.
+    words = shlex.split(command(sweep, variant, '/sweep', base))
+    assert words[:5] == ['python', '-m', 'tljax.train', f'--config={sweep.base}',
+                         f'--workdir=/sweep/{variant.name}']
+    flags = [word.removeprefix('--config.').split('=', 1) for word in words[5:]]
+    assert all(word.startswith('--config.') for word in words[5:]), words
+    assert {key for key, _ in flags} == {k for k, v in variant.overrides.items()
+                                         if v is not None}
+    rebuilt = apply_overrides(load_config_file(sweep.base), flags)
+    assert rebuilt.to_json_best_effort(sort_keys=True) == in_process.to_json_best_effort(
+        sort_keys=True), variant.name
     pretrained = config.init.pretrained or ''
     if pretrained.startswith('/sweep/'):  # a transfer from another variant: it runs first
       assert os.path.basename(pretrained) in seen, (variant.name, pretrained)
@@ -51,6 +64,7 @@ def test_yosinski_transfers_copy_n_layers_frozen_or_fine_tuned(monkeypatch):
   assert set(base_a.data.classes).isdisjoint(base.data.classes)
 
 
+@pytest.mark.slow
 def test_plant_village_config_trains_on_mock_data(tmp_path, monkeypatch):
   monkeypatch.chdir(REPO)
   config = load_config_file('configs/plant_village.py')

@@ -5,7 +5,7 @@ import importlib.util
 
 import numpy as np
 import pytest
-from conftest import small_config
+from helpers import small_config
 from PIL import Image
 
 from tljax import config as config_lib

@@ -10,8 +10,8 @@ import jax
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, snapshot
 from flax import traverse_util
+from helpers import REPO, snapshot
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
@@ -130,6 +130,7 @@ class _TorchvisionResNet18(nn.Module):
     return self.fc(x.mean((2, 3)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name, torch_model', [('mobilenet_v2', _TorchvisionMobileNetV2),
                                                ('resnet18', _TorchvisionResNet18)])
 def test_torchvision_layout_loads_strictly_in_pytorch_with_the_same_logits(

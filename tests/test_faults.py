@@ -16,11 +16,10 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, make_arrays, small_config, snapshot, write_npz
+from helpers import REPO, array_source, small_config, snapshot, write_npz
 
 from tljax import train
 from tljax.checkpoint import TMP_SUFFIX, Checkpointer
-from tljax.data.sources import ArraySource
 from tljax.errors import PREEMPTED_EXIT_CODE
 from tljax.numerics import NonFiniteError
 from tljax.weights.read import restore_latest
@@ -144,6 +143,8 @@ def _kill_when(process, workdir, mode, rng, startup_s) -> bool:
   return False
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_sigkill_at_random_moments_loses_nothing(run_args, uninterrupted, tmp_path):
   """At least 10 SIGKILLs; every restart resumes from the newest complete checkpoint, never a
   half-written one; the final state equals the uninterrupted run's bit for bit."""
@@ -184,6 +185,22 @@ def test_sigkill_at_random_moments_loses_nothing(run_args, uninterrupted, tmp_pa
         f'checkpoint, resumed at {resumes}; final state bitwise equal')
 
 
+def _wait_for_a_checkpoint(process, workdir):
+  """Until the first checkpoint is complete: the process is in its training loop."""
+  while not _complete_steps(workdir):
+    assert process.poll() is None, _output(process)[-3000:]
+    time.sleep(0.005)
+
+
+def _assert_resumes_bit_exact(workdir, run_args, reference, step):
+  """The same command again resumes from `step` and ends in the uninterrupted run's state."""
+  resumed = _start(workdir, run_args, 'resumed')
+  assert resumed.wait(timeout=300) == 0, _output(resumed)[-3000:]
+  assert f'resumed from checkpoint at step {step}' in _output(resumed)
+  _assert_bitwise_equal(reference, _final_state(workdir))
+
+
+@pytest.mark.multiprocess
 @pytest.mark.parametrize('signals,resume', [
     (('SIGTERM',), True), (('SIGINT',), False), (('SIGTERM', 'SIGTERM'), False),
     (('SIGTERM', 'SIGINT'), False), (('SIGHUP',), False), (('SIGUSR1',), False)],
@@ -193,9 +210,7 @@ def test_a_stop_request_saves_exits_75_and_the_same_command_resumes(run_args, un
                                                                     tmp_path, signals, resume):
   workdir = tmp_path / 'preempted'
   process = _start(workdir, run_args, 'preempted')
-  while not _complete_steps(workdir):  # in the training loop
-    assert process.poll() is None, _output(process)[-3000:]
-    time.sleep(0.005)
+  _wait_for_a_checkpoint(process, workdir)
   for index, name in enumerate(signals):
     if index:
       time.sleep(0.3)
@@ -208,19 +223,15 @@ def test_a_stop_request_saves_exits_75_and_the_same_command_resumes(run_args, un
   assert _complete_steps(workdir)[-1] == step and not _partial_checkpoints(workdir)
   if not resume:  # a checkpoint and exit 75: the resume is the SIGTERM case's
     return
-  resumed = _start(workdir, run_args, 'resumed')
-  assert resumed.wait(timeout=300) == 0, _output(resumed)[-3000:]
-  assert f'resumed from checkpoint at step {step}' in _output(resumed)
-  _assert_bitwise_equal(uninterrupted[0], _final_state(workdir))
+  _assert_resumes_bit_exact(workdir, run_args, uninterrupted[0], step)
 
 
+@pytest.mark.multiprocess
 def test_a_second_ctrl_c_aborts_at_once_and_a_rerun_resumes_bit_exact(run_args, uninterrupted,
                                                                       tmp_path):
   workdir = tmp_path / 'aborted'
   process = _start(workdir, run_args, 'aborted')
-  while not _complete_steps(workdir):
-    assert process.poll() is None, _output(process)[-3000:]
-    time.sleep(0.005)
+  _wait_for_a_checkpoint(process, workdir)
   process.send_signal(signal.SIGINT)
   time.sleep(0.01)
   process.send_signal(signal.SIGINT)
@@ -230,11 +241,7 @@ def test_a_second_ctrl_c_aborts_at_once_and_a_rerun_resumes_bit_exact(run_args, 
   assert errors == ['error: SIGINT again: stopped at once without saving; the checkpoints '
                     'already complete are kept'], output[-3000:]
   assert 'Traceback' not in output
-  complete = _complete_steps(workdir)
-  resumed = _start(workdir, run_args, 'resumed')
-  assert resumed.wait(timeout=300) == 0, _output(resumed)[-3000:]
-  assert f'resumed from checkpoint at step {complete[-1]}' in _output(resumed)
-  _assert_bitwise_equal(uninterrupted[0], _final_state(workdir))
+  _assert_resumes_bit_exact(workdir, run_args, uninterrupted[0], _complete_steps(workdir)[-1])
 
 
 @pytest.mark.parametrize('delay_s', [0.5, 2.5])
@@ -254,11 +261,7 @@ def test_a_stop_request_during_start_up_exits_75_having_written_nothing(run_args
     assert snapshot(workdir) == {}
 
 
-def _array_source():
-  return ArraySource({'train': make_arrays(per_class=16, seed=0),
-                      'test': make_arrays(per_class=5, seed=1)})
-
-
+@pytest.mark.slow
 def test_full_disk_during_a_save_keeps_the_checkpoints(tmp_path, npz_path):
   """RLIMIT_FSIZE makes the kernel refuse the checkpoint's writes (EFBIG, as ENOSPC would)."""
   workdir = tmp_path / 'run'
@@ -298,7 +301,7 @@ def test_divergence_stops_at_the_first_nonfinite_step_and_saves_none(tmp_path):
   config = small_config(**{'optim.lr': 1e3, 'optim.schedule.name': 'constant'})
   config.total_steps, config.checkpoint_every = 12, 3
   with pytest.raises(NonFiniteError) as error:
-    train.run(config, str(tmp_path / 'diverged'), source=_array_source())
+    train.run(config, str(tmp_path / 'diverged'), source=array_source())
   message = str(error.value)
   step = int(message.split('non-finite values at step ')[1].split(':')[0])
   leaf = message.split('first non-finite gradient: ')[1].split()[0]
@@ -310,11 +313,13 @@ def test_divergence_stops_at_the_first_nonfinite_step_and_saves_none(tmp_path):
     assert np.isfinite(np.asarray(value)).all()
   # The named step really is the first: the same run stopped one step earlier is finite.
   config.total_steps = step - 1
-  train.run(config, str(tmp_path / 'before'), source=_array_source())
+  train.run(config, str(tmp_path / 'before'), source=array_source())
   for value in jax.tree.leaves(restore_latest(str(tmp_path / 'before'))):
     assert np.isfinite(np.asarray(value)).all()
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 @pytest.mark.parametrize('target', ['worker', 'launcher'])
 def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path, npz_path, target):
   """jax.distributed's preemption service: every process saves the same step and exits 75,

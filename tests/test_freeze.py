@@ -38,19 +38,25 @@ def test_pattern_shadowed_by_an_earlier_one_counts_as_unused():
 
 
 def test_everything_frozen_is_an_error():
-  with pytest.raises(freeze.FreezeError, match='every parameter is frozen'):
+  with pytest.raises(freeze.FreezeError,
+                     match='every parameter is frozen by optim.groups: nothing would train'):
     freeze.label_tree(PARAMS, freeze.parse_groups([('.*', None)]))
 
 
 def test_patterns_use_fullmatch():
   groups = freeze.parse_groups([('stem', None), ('.*', {})])  # 'stem' alone matches no path
-  with pytest.raises(freeze.FreezeError, match='matches no'):
+  with pytest.raises(freeze.FreezeError,
+                     match=r"optim.groups\[0\] pattern 'stem' matches no parameter"):
     freeze.label_tree(PARAMS, groups)
 
 
-@pytest.mark.parametrize('bad', [[('(', None)], [('.*', {'lr': 1.0})], [('.*',)], []])
-def test_malformed_groups_are_rejected(bad):
-  with pytest.raises(freeze.FreezeError):
+@pytest.mark.parametrize('bad,message', [
+    ([('(', None)], r"optim.groups\[0\] pattern '\(' is not a regex"),
+    ([('.*', {'lr': 1.0})], r"optim.groups\[0\] \('.\*'\) has unknown rule keys \['lr'\]"),
+    ([('.*',)], r"optim.groups\[0\] must be a \(regex, rule\) pair, got \('.\*',\)"),
+    ([], r'optim.groups is empty')])
+def test_malformed_groups_are_rejected(bad, message):
+  with pytest.raises(freeze.FreezeError, match=message):
     freeze.parse_groups(bad)
 
 
@@ -60,7 +66,8 @@ def test_stage_groups_freeze_a_prefix_of_stages():
   labels = freeze.flat_paths(freeze.label_tree(PARAMS, groups))
   assert {p for p, label in labels.items() if label == 'frozen'} == {
       'stem/conv/kernel', 'stem/bn/scale', 'stage1/conv/kernel'}
-  with pytest.raises(freeze.FreezeError):
+  with pytest.raises(freeze.FreezeError, match=r"freeze.preset='stages:3' must freeze 0 to 2 "
+                                                r"stages of \['stem', 'stage1', 'head'\]"):
     freeze.stage_groups(stages, 3)
 
 

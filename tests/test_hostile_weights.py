@@ -14,9 +14,8 @@ from collections import OrderedDict
 
 import numpy as np
 import pytest
-from conftest import REPO
-
-from tljax.weights import torch_file
+from helpers import REPO
+from hostile_files import legacy_file, zip_file
 
 torch = pytest.importorskip('torch')
 
@@ -54,27 +53,6 @@ def _pickle(tree) -> bytes:
   buffer = io.BytesIO()
   _Pickler(buffer, protocol=2).dump(tree)
   return buffer.getvalue()
-
-
-def _zip_file(path, tree_bytes, storages):
-  with zipfile.ZipFile(path, 'w') as archive:
-    archive.writestr('archive/data.pkl', tree_bytes)
-    archive.writestr('archive/byteorder', 'little')
-    for key, data in storages.items():
-      archive.writestr(f'archive/data/{key}', data)
-
-
-def _legacy_file(path, tree_bytes, storages, numels=None):
-  """torch's legacy layout: magic, protocol, sys info, tree, storage keys, then each storage as
-  an 8-byte element count and its bytes (`numels` may claim other counts)."""
-  with open(path, 'wb') as f:
-    for header in (torch_file.LEGACY_MAGIC, 1001, {'little_endian': True}):
-      pickle.dump(header, f, protocol=2)
-    f.write(tree_bytes)
-    pickle.dump(list(storages), f, protocol=2)
-    for key, data in storages.items():
-      numel = (numels or {}).get(key, len(data) // 4)
-      f.write(struct.pack('<Q', numel) + data)
 
 
 FOUR_FLOATS = np.arange(4, dtype=np.float32).tobytes()
@@ -133,47 +111,44 @@ def _write_corpus(root) -> dict[str, tuple[str, str]]:
   for name, (tree, expected) in VIEW_CASES.items():
     for fmt in ('zip', 'legacy'):
       path = os.path.join(root, f'{name}-{fmt}.pth')
-      writer = _zip_file if fmt == 'zip' else _legacy_file
+      writer = zip_file if fmt == 'zip' else legacy_file
       writer(path, _pickle(tree), {'0': FOUR_FLOATS})
       corpus[f'{name}-{fmt}'] = (path, expected)
   for name, payload in BUILD_CASES.items():
     for fmt in ('zip', 'legacy'):
       path = os.path.join(root, f'{name}-{fmt}.pth')
-      if fmt == 'zip':
-        _zip_file(path, payload, {})
-      else:
-        _legacy_file(path, payload, {})
+      (zip_file if fmt == 'zip' else legacy_file)(path, payload, {})
       corpus[f'{name}-{fmt}'] = (path, 'refusing a BUILD opcode')
   tree = _pickle({'w': _Tensor(_Storage('0', 4), 0, (4,), (1,))})
   cases = {
-      'numel_2_61': (lambda p: _legacy_file(p, tree, {'0': FOUR_FLOATS}, {'0': 2**61}),
+      'numel_2_61': (lambda p: legacy_file(p, tree, {'0': FOUR_FLOATS}, {'0': 2**61}),
                      'claims 2,305,843,009,213,693,952 elements'),
-      'numel_past_the_end': (lambda p: _legacy_file(p, tree, {'0': FOUR_FLOATS}, {'0': 5}),
+      'numel_past_the_end': (lambda p: legacy_file(p, tree, {'0': FOUR_FLOATS}, {'0': 5}),
                              'bytes are left; truncated'),
-      'storage_missing': (lambda p: _zip_file(p, tree, {}), "storage '0' is missing"),
-      'storage_not_whole_elements': (lambda p: _zip_file(p, tree, {'0': FOUR_FLOATS[:7]}),
+      'storage_missing': (lambda p: zip_file(p, tree, {}), "storage '0' is missing"),
+      'storage_not_whole_elements': (lambda p: zip_file(p, tree, {'0': FOUR_FLOATS[:7]}),
                                      'not a whole number of float32 elements'),
       'bytearray8_of_2_60_bytes': (
-          lambda p: _zip_file(p, b'\x80\x05\x96' + struct.pack('<Q', 2**60) + b'.', {}),
+          lambda p: zip_file(p, b'\x80\x05\x96' + struct.pack('<Q', 2**60) + b'.', {}),
           'out-of-band buffers are not allowed'),
       'binunicode_of_4_gib': (
-          lambda p: _legacy_file(p, _raw(b'X' + struct.pack('<I', 2**32 - 1)), {}),
+          lambda p: legacy_file(p, _raw(b'X' + struct.pack('<I', 2**32 - 1)), {}),
           'not a readable torch.save file'),
-      'os_system': (lambda p: _zip_file(p, _raw(_global('os', 'system'), _value(('true',)),
+      'os_system': (lambda p: zip_file(p, _raw(_global('os', 'system'), _value(('true',)),
                                                 b'R'), {}),
                     'refusing to load global os.system'),
-      'lists_nested_200000_deep': (lambda p: _zip_file(p, _deep_lists(200_000), {}),
+      'lists_nested_200000_deep': (lambda p: zip_file(p, _deep_lists(200_000), {}),
                                    'nested too deeply'),
-      'shared_dicts_naming_2_60_paths': (lambda p: _zip_file(p, _exponential_tree(60), {}),
+      'shared_dicts_naming_2_60_paths': (lambda p: zip_file(p, _exponential_tree(60), {}),
                                          'more than 1,000,000 entries'),
-      'build_on_a_checked_tensor': (lambda p: _zip_file(p, _pickle({'w': _Tensor(
+      'build_on_a_checked_tensor': (lambda p: zip_file(p, _pickle({'w': _Tensor(
           _Storage('0', 4), 0, (2,), (1,), state={'shape': (16, 3)})}), {'0': FOUR_FLOATS}),
                                     'refusing a BUILD opcode on _LazyTensor'),
-      'dotted_and_nested_names_clash': (lambda p: _zip_file(p, _pickle({
+      'dotted_and_nested_names_clash': (lambda p: zip_file(p, _pickle({
           'a.b': _Tensor(_Storage('0', 4), 0, (4,), (1,)),
           'a': {'b': _Tensor(_Storage('0', 4), 0, (2,), (1,))}}), {'0': FOUR_FLOATS}),
                                         "two tensors are both named 'a/b'"),
-      'dtype_conflict': (lambda p: _zip_file(p, _pickle({
+      'dtype_conflict': (lambda p: zip_file(p, _pickle({
           'a': _Tensor(_Storage('0', 4), 0, (4,), (1,)),
           'b': _Tensor(_Storage('0', 4, 'IntStorage'), 0, (4,), (1,))}), {'0': FOUR_FLOATS}),
                          'read as both float32 and int32'),

@@ -12,7 +12,7 @@ import tarfile
 import textwrap
 
 import pytest
-from conftest import REPO
+from helpers import REPO
 
 LAUNCH = os.path.join(REPO, 'launch')
 SCRIPTS = sorted(os.listdir(LAUNCH))
@@ -174,6 +174,7 @@ def test_printed_sweep_runs_one_variant_per_tpu_vm(tmp_path, npz_path):
     assert remote[start + len(variant)] == '--distributed'
 
 
+@pytest.mark.multiprocess
 def test_slurm_array_task_runs_its_sweep_line_as_jax_distributed_processes(tmp_path, npz_path):
   """A fake `srun` starts SLURM_NTASKS local processes with the variables real srun sets;
   jax.distributed.initialize() finds the coordinator and ranks in them."""
@@ -264,6 +265,7 @@ def test_tpu_vm_refuses_an_option_after_the_command_before_calling_gcloud(tmp_pa
   assert line.startswith(f'error: {message}'), line
 
 
+@pytest.mark.multiprocess
 def test_multiprocess_says_why_its_processes_failed_and_keeps_earlier_logs(tmp_path):
   workdir = tmp_path / 'w'
   workdir.mkdir()

@@ -1,4 +1,5 @@
-"""Models: published parameter counts, STAGES covering every parameter, depthwise formulations."""
+"""Models: published parameter counts, STAGES covering every parameter in forward order,
+depthwise formulations."""
 
 import flax.linen as nn
 import jax
@@ -28,14 +29,46 @@ def test_parameter_counts_match_torchvision(name, count):
   assert sum(int(np.prod(s.shape)) for s in shapes.values()) == count
 
 
+def _paths_in_definition_order(name, size=64, **kwargs):
+  """Parameter paths in the order the model creates them (its forward order). Read inside the
+  traced function: the tree eval_shape returns has its dict keys sorted."""
+  model = build_model(name, **kwargs)
+  inputs = MODELS[name].example_input(size, 3)
+  paths = []
+
+  def init():
+    variables = model.init(jax.random.key(0), *inputs, train=False)
+    paths.extend(flat_paths(variables['params']))
+    return variables
+  jax.eval_shape(init)
+  return paths
+
+
 @pytest.mark.parametrize('name', sorted(MODELS))
 def test_stages_cover_every_parameter_in_order(name):
   stages = MODELS[name].stages
-  paths = list(_param_shapes(name, num_classes=7))
-  owner = {p: next((s for s in stages if p.startswith(s + '/')), None) for p in paths}
-  assert None not in owner.values(), [p for p, s in owner.items() if s is None]
-  assert set(owner.values()) == set(stages)
+  paths = _paths_in_definition_order(name, num_classes=7)
+  owners = [next((s for s in stages if p.startswith(s + '/')), None) for p in paths]
+  assert None not in owners, [p for p, s in zip(paths, owners, strict=True) if s is None]
+  # Each stage's parameters are one run, and the runs come in STAGES order: freezing the first
+  # K stages freezes a prefix of the network.
+  runs = [owner for i, owner in enumerate(owners) if i == 0 or owners[i - 1] != owner]
+  assert runs == list(stages)
   assert stages[-1] == 'head'
+
+
+def _assert_same_forward_and_backward(module, reference, params, x, grad_atol):
+  """The same outputs, and the same gradients with respect to the parameters and the input."""
+  out, out_ref = module.apply(params, x), reference.apply(params, x)
+  assert out.shape == out_ref.shape
+  np.testing.assert_allclose(out, out_ref, rtol=1e-5, atol=1e-5)
+
+  def loss(m):
+    return lambda p, x: jnp.sum(jnp.sin(m.apply(p, x)))
+  grads = jax.grad(loss(module), argnums=(0, 1))(params, x)
+  grads_ref = jax.grad(loss(reference), argnums=(0, 1))(params, x)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=grad_atol)
 
 
 @pytest.mark.parametrize('stride', [1, 2])
@@ -44,16 +77,7 @@ def test_depthwise_shifted_equals_grouped_conv(stride):
   shifted = DepthwiseConv(stride=stride, impl='shifted')
   grouped = DepthwiseConv(stride=stride, impl='grouped')
   params = shifted.init(jax.random.key(2), x)
-  out_s, out_g = shifted.apply(params, x), grouped.apply(params, x)
-  assert out_s.shape == out_g.shape
-  np.testing.assert_allclose(out_s, out_g, rtol=1e-5, atol=1e-5)
-
-  def loss(module):
-    return lambda p, x: jnp.sum(jnp.sin(module.apply(p, x)))
-  grads_s = jax.grad(loss(shifted), argnums=(0, 1))(params, x)
-  grads_g = jax.grad(loss(grouped), argnums=(0, 1))(params, x)
-  for a, b in zip(jax.tree.leaves(grads_s), jax.tree.leaves(grads_g), strict=True):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  _assert_same_forward_and_backward(shifted, grouped, params, x, grad_atol=1e-4)
 
 
 def test_depthwise_matches_flax_conv_with_feature_groups():
@@ -76,18 +100,10 @@ def test_pointwise_conv_equals_flax_1x1_conv_forward_and_backward(stride, paddin
   assert params['params']['kernel'].shape == (1, 1, 5, 6)
   ref = nn.Conv(6, (1, 1), (stride, stride), use_bias=False,
                 padding='SAME' if padding == 'SAME' else ((0, 0), (0, 0)))
-
-  def loss(module):
-    return lambda p, x: jnp.sum(jnp.sin(module.apply(p, x)))
-  out, out_ref = ours.apply(params, x), ref.apply(params, x)
-  assert out.shape == out_ref.shape
-  np.testing.assert_allclose(out, out_ref, rtol=1e-5, atol=1e-5)
-  grads = jax.grad(loss(ours), argnums=(0, 1))(params, x)
-  grads_ref = jax.grad(loss(ref), argnums=(0, 1))(params, x)
-  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref), strict=True):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  _assert_same_forward_and_backward(ours, ref, params, x, grad_atol=1e-5)
 
 
+@pytest.mark.slow
 def test_mobilenet_v2_agrees_across_depthwise_impls():
   x = jax.random.normal(jax.random.key(5), (2, 32, 32, 3))
   shifted = build_model('mobilenet_v2', num_classes=4, width_mult=0.35, depthwise_impl='shifted')

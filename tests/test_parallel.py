@@ -9,23 +9,14 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import (
-  REPO,
-  make_arrays,  # noqa: I001
-  small_config,
-)
+from helpers import REPO, array_source, small_config, step_parts
 
-from tljax import freeze, optim, parallel, steps, train
+from tljax import parallel, steps, train
 from tljax.data import pipeline
 from tljax.data.sources import ArraySource
 from tljax.errors import UserError
 from tljax.partition import Layout, make_layout
 from tljax.weights.read import read_tljax_workdir
-
-
-def _source():
-  return ArraySource({'train': make_arrays(per_class=16, seed=0),
-                      'test': make_arrays(per_class=5, seed=1)})
 
 
 def _assert_same_parameters(expected, actual):
@@ -34,6 +25,7 @@ def _assert_same_parameters(expected, actual):
     np.testing.assert_allclose(actual[path], expected[path], rtol=1e-5, atol=1e-6, err_msg=path)
 
 
+@pytest.mark.slow
 def test_pmap_fsdp_and_2d_layouts_train_to_the_same_parameters_as_replicated_jit(tmp_path):
   assert jax.device_count() == 8
   finals, results = {}, {}
@@ -45,7 +37,7 @@ def test_pmap_fsdp_and_2d_layouts_train_to_the_same_parameters_as_replicated_jit
     config.optim.groups = [('.*', {})]  # BatchNorm trains: statistics synced over devices too
     config.total_steps = 5
     config.sharding.update(rule=rule, model_axis=model_axis, min_size_mb=0.0)
-    results[name] = train.run(config, str(tmp_path / name), source=_source())
+    results[name] = train.run(config, str(tmp_path / name), source=array_source())
     assert results[name]['parallel'] == kind and results[name]['devices'] == 8
     finals[name] = read_tljax_workdir(str(tmp_path / name))
   assert any(path.startswith('batch_stats/') for path in finals['replicated'])
@@ -71,11 +63,8 @@ def _train_cli(workdir, config_args, extra=(), env=None):
 def _train_state(config):
   """Model, placed-ready TrainState and the jitted step pieces, as train.run builds them."""
   config = train.resolve_config(config)
-  model, params, batch_stats, groups, labels = train.create_train_state(config)
-  optimizer, schedule = optim.make_optimizer(config.optim, groups, labels, config.total_steps)
-  state = steps.TrainState(np.int32(0), params, batch_stats, optimizer.init(params))
-  step = steps.make_train_step(model, optimizer, freeze.trainable_mask(labels), schedule, 0)
-  return config, state, step
+  model, optimizer, mask, schedule, state = step_parts(config)
+  return config, state, steps.make_train_step(model, optimizer, mask, schedule, 0)
 
 
 def _shard_ids(array):
@@ -88,7 +77,7 @@ def test_fsdp_step_keeps_large_leaves_split_and_small_ones_replicated():
   runner = parallel.JitRunner(Layout('fsdp', threshold / 2**20, data=8))
   placed = runner.place_state(state)
   train_step = runner.compile_train(step, placed)
-  batch = next(pipeline.train_batches(_source(), config.data, start_step=0, seed=0))
+  batch = next(pipeline.train_batches(array_source(), config.data, start_step=0, seed=0))
   new_state, _ = train_step(placed, batch)
   split = {'params': 0, 'batch_stats': 0, 'opt_state': 0}
   for path, leaf in jax.tree_util.tree_leaves_with_path(new_state):
@@ -164,6 +153,8 @@ def _multiprocess(processes, devices_per_process, workdir, args):
   return logs[0]
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_checkpoints_move_between_two_processes_and_one(tmp_path, npz_path):
   """1 x 8 devices all the way; 2 x 4 all the way; 2 x 2 then 1 x 8; 1 x 8 then 2 x 4 on a 2-D
   mesh: the same parameters. Checkpoints written by every process of one topology restore into

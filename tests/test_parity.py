@@ -56,7 +56,8 @@ def test_hf_vit_logits_match(tmp_path):
   _assert_same_image_logits(hf, model, variables, images)
 
 
-@pytest.mark.parametrize('layer_type', ['basic', 'bottleneck'])
+@pytest.mark.parametrize('layer_type', [pytest.param('basic', marks=pytest.mark.slow),
+                                        'bottleneck'])
 def test_hf_resnet_logits_match(tmp_path, layer_type):
   width = 8
   hidden = [width * 2**i * (4 if layer_type == 'bottleneck' else 1) for i in range(4)]

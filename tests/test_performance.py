@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import small_config
+from helpers import small_config, step_parts
 
 from tljax import config as config_lib
-from tljax import features, freeze, optim, steps, train
+from tljax import features, freeze, steps, train
 from tljax.errors import UserError
 from tljax.weights.read import read_tljax_workdir
 
@@ -24,6 +24,7 @@ def _run(tmp_path, name, npz_path, **overrides):
   return results, read_tljax_workdir(str(workdir))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('preset', ['linear_probe', 'stages:2'])
 def test_cached_features_train_the_same_parameters_as_images(tmp_path, npz_path, preset):
   plain, plain_vars = _run(tmp_path, 'plain', npz_path, **{'freeze.preset': preset})
@@ -59,13 +60,9 @@ def _initial(npz_path, preset):
 
 
 def test_cached_step_compiles_without_the_frozen_prefix(npz_path):
-  config = _probe_config(npz_path)
-  model, params, batch_stats, groups, labels = train.create_train_state(config)
-  mask = freeze.trainable_mask(labels)
-  optimizer, schedule = optim.make_optimizer(config.optim, groups, labels, 10)
-  state = steps.TrainState(jnp.zeros((), jnp.int32), params, batch_stats, optimizer.init(params))
+  model, optimizer, mask, schedule, state = step_parts(_probe_config(npz_path), 10)
   images = jnp.zeros((16, 16, 16, 3))
-  variables = {'params': params, 'batch_stats': batch_stats}
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
   cached = features.compute(model, variables, [dict(image=images, label=np.zeros(16))], 'head')
   plain_batch = dict(image=images, label=jnp.zeros(16, jnp.int32))
   cached_batch = dict(image=jnp.asarray(cached['image']), label=plain_batch['label'])
@@ -83,7 +80,8 @@ def test_cache_refuses_augmentation_an_unfrozen_model_and_random_prefixes():
   stages = ('stem', 'stage1', 'head')
   with pytest.raises(UserError, match='data.augment=False'):
     features.cut_stage(stages, 2, augment=True)
-  with pytest.raises(UserError, match='frozen leading stages'):
+  with pytest.raises(UserError, match=r"data.cache_features needs frozen leading stages .*; none "
+                                      r"of \['stem', 'stage1', 'head'\] is frozen"):
     features.cut_stage(stages, 0, augment=False)
 
   class DropoutBeforeHead(nn.Module):
@@ -96,7 +94,8 @@ def test_cache_refuses_augmentation_an_unfrozen_model_and_random_prefixes():
   model = DropoutBeforeHead()
   x = jnp.ones((4, 3))
   variables = model.init(jax.random.key(0), x)
-  with pytest.raises(UserError, match="before stage 'head' are random.*model.dropout=0"):
+  with pytest.raises(UserError, match=r"the frozen layers before stage 'head' are random in "
+                                      r"training \(dropout\); set the model's dropout before"):
     features.compute(model, variables, [dict(image=x, label=np.zeros(4))], 'head')
 
 
@@ -105,16 +104,14 @@ def _layered_setup(groups, **optim_overrides):
   config.model = dict(name='layered_cnn', num_classes=3, conv_widths=(4, 4, 8, 8),
                       dense_width=16)
   config.optim.update(groups=groups, **optim_overrides)
-  config = config_lib.resolve(config)
-  model, params, batch_stats, groups, labels = train.create_train_state(config)
-  optimizer, schedule = optim.make_optimizer(config.optim, groups, labels, 10)
-  state = steps.TrainState(jnp.zeros((), jnp.int32), params, batch_stats, optimizer.init(params))
+  model, optimizer, mask, schedule, state = step_parts(config_lib.resolve(config), 10)
   rng = np.random.default_rng(0)
   batch = dict(image=jnp.asarray(rng.normal(size=(16, 16, 16, 3)), jnp.float32),
                label=jnp.asarray(rng.integers(0, 3, 16), jnp.int32))
-  return model, optimizer, freeze.trainable_mask(labels), schedule, state, batch
+  return model, optimizer, mask, schedule, state, batch
 
 
+@pytest.mark.slow
 def test_gradients_of_frozen_layers_are_not_computed_even_with_clipping():
   """XLA FLOPs per step fall with freeze depth although clipping and grad_norm read the
   gradients; a plain value_and_grad over all leaves keeps them."""
@@ -139,6 +136,7 @@ def test_gradients_of_frozen_layers_are_not_computed_even_with_clipping():
   assert flops[-1] < 0.5 * plain, (flops, plain)  # linear probe: forward plus the head
 
 
+@pytest.mark.slow
 def test_grad_accumulation_matches_one_full_batch():
   groups = [('conv1/.*', None), ('.*', {})]
   results = []
@@ -174,13 +172,9 @@ def test_bfloat16_training_computes_in_bfloat16_and_stays_finite(tmp_path, npz_p
   assert all(v.dtype == np.float32 for k, v in after.items() if k.startswith('params/'))
   assert np.isfinite(results['eval']['loss']) and results['compute_dtype'] == 'bfloat16'
   # The convolutions of the compiled step really run in bfloat16.
-  resolved = train.resolve_config(config)
-  model, params, batch_stats, groups, labels = train.create_train_state(resolved)
-  optimizer, schedule = optim.make_optimizer(resolved.optim, groups, labels, 10)
-  state = steps.TrainState(jnp.zeros((), jnp.int32), params, batch_stats, optimizer.init(params))
+  model, optimizer, mask, schedule, state = step_parts(train.resolve_config(config), 10)
   batch = dict(image=jnp.zeros((16, 16, 16, 3)), label=jnp.zeros(16, jnp.int32))
-  step = steps.make_train_step(model.clone(dtype=jnp.bfloat16), optimizer,
-                               freeze.trainable_mask(labels), schedule, 0,
+  step = steps.make_train_step(model.clone(dtype=jnp.bfloat16), optimizer, mask, schedule, 0,
                                compute_dtype=jnp.bfloat16)
   convolutions = [line for line in jax.jit(step).lower(state, batch).as_text().splitlines()
                   if 'stablehlo.convolution' in line]

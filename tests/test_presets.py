@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import make_arrays, small_config
+from helpers import make_arrays, small_config
 
 from tljax import freeze, steps, train
 from tljax.data.sources import ArraySource

@@ -10,13 +10,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, small_config, snapshot, write_npz
+from helpers import REPO, as_nobody, small_config, snapshot, walkable_copy
 
 from tljax import checkpoint, train
 from tljax import workdir as workdir_lib
@@ -25,18 +24,17 @@ from tljax.weights.read import restore_latest
 
 
 @pytest.fixture(scope='module')
-def finished(tmp_path_factory):
-  """A finished 6-step run (checkpoints 3 and 6), its data, and the final states of taking it
-  on to 9 steps from each of its checkpoints (the one of step 6 removed for the second)."""
-  root = tmp_path_factory.mktemp('finished')
-  data = write_npz(root / 'data.npz')
-  train.run(small_config(**{'data.path': str(data)}), str(root / 'run'))
-  nine = small_config(**{'data.path': str(data), 'total_steps': 9})
-  shutil.copytree(root / 'run', root / 'from6')
+def taken_on(earlier_run, tmp_path_factory):
+  """The final states of taking the finished run on to 9 steps from each of its checkpoints
+  (the one of step 6 removed for the second): step -> state."""
+  run_dir, data = earlier_run
+  root = tmp_path_factory.mktemp('taken_on')
+  nine = small_config(**{'data.path': data, 'total_steps': 9})
+  shutil.copytree(run_dir, root / 'from6')
   train.run(nine, str(root / 'from6'))
-  shutil.copytree(root / 'run', root / 'from3', ignore=shutil.ignore_patterns('6'))
+  shutil.copytree(run_dir, root / 'from3', ignore=shutil.ignore_patterns('6'))
   train.run(nine, str(root / 'from3'))
-  return root / 'run', str(data), {6: _state(root / 'from6'), 3: _state(root / 'from3')}
+  return {6: _state(root / 'from6'), 3: _state(root / 'from3')}
 
 
 def _state(workdir) -> dict[str, np.ndarray]:
@@ -50,10 +48,10 @@ def _copy(run_dir, tmp_path, name='run'):
   return target
 
 
-def test_rerunning_a_finished_run_leaves_every_byte(finished, tmp_path, capsys):
-  run_dir = _copy(finished[0], tmp_path)
+def test_rerunning_a_finished_run_leaves_every_byte(earlier_run, tmp_path, capsys):
+  run_dir = _copy(earlier_run[0], tmp_path)
   before = snapshot(run_dir)
-  results = train.run(small_config(**{'data.path': finished[1]}), str(run_dir))
+  results = train.run(small_config(**{'data.path': earlier_run[1]}), str(run_dir))
   assert snapshot(run_dir) == before
   assert results == json.loads((run_dir / 'results.json').read_text())
   assert results['wall_time_s'] > 1.0 and results['median_step_time_s'] is not None
@@ -61,19 +59,19 @@ def test_rerunning_a_finished_run_leaves_every_byte(finished, tmp_path, capsys):
 
 
 @pytest.mark.parametrize('total', [4, 1])
-def test_a_total_below_the_saved_step_is_refused_naming_both(finished, tmp_path, total):
-  run_dir = _copy(finished[0], tmp_path)
+def test_a_total_below_the_saved_step_is_refused_naming_both(earlier_run, tmp_path, total):
+  run_dir = _copy(earlier_run[0], tmp_path)
   before = snapshot(run_dir)
   with pytest.raises(workdir_lib.WorkdirError,
                      match=f'holds a checkpoint of step 6, past total_steps={total}'):
-    train.run(small_config(**{'data.path': finished[1], 'total_steps': total}), str(run_dir))
+    train.run(small_config(**{'data.path': earlier_run[1], 'total_steps': total}), str(run_dir))
   assert snapshot(run_dir) == before
 
 
-def test_training_on_past_a_finish_keeps_the_earlier_results(finished, tmp_path):
-  run_dir = _copy(finished[0], tmp_path)
+def test_training_on_past_a_finish_keeps_the_earlier_results(earlier_run, tmp_path):
+  run_dir = _copy(earlier_run[0], tmp_path)
   earlier = (run_dir / 'results.json').read_bytes()
-  results = train.run(small_config(**{'data.path': finished[1], 'total_steps': 9}), str(run_dir))
+  results = train.run(small_config(**{'data.path': earlier_run[1], 'total_steps': 9}), str(run_dir))
   assert (run_dir / 'results-step6.json').read_bytes() == earlier
   assert results['final_step'] == 9 and results['resumed_from_step'] == 6
   assert json.loads((run_dir / 'results.json').read_text())['final_step'] == 9
@@ -89,12 +87,13 @@ def _truncate_array_files(step_dir) -> None:
         os.truncate(path, os.path.getsize(path) // 2)
 
 
+@pytest.mark.slow  # with taken_on's two runs
 def test_a_damaged_latest_checkpoint_is_set_aside_and_training_resumes_from_the_one_before(
-    finished, tmp_path, capsys):
-  run_dir = _copy(finished[0], tmp_path)
+    earlier_run, taken_on, tmp_path, capsys):
+  run_dir = _copy(earlier_run[0], tmp_path)
   _truncate_array_files(run_dir / 'checkpoints' / '6')
   damaged = snapshot(run_dir / 'checkpoints' / '6')
-  results = train.run(small_config(**{'data.path': finished[1], 'total_steps': 9}), str(run_dir))
+  results = train.run(small_config(**{'data.path': earlier_run[1], 'total_steps': 9}), str(run_dir))
   printed = capsys.readouterr().out
   [line] = [line for line in printed.splitlines() if line.startswith('damaged')]
   assert line.startswith('damaged checkpoints set aside, not deleted: step 6 (')
@@ -102,28 +101,29 @@ def test_a_damaged_latest_checkpoint_is_set_aside_and_training_resumes_from_the_
   assert snapshot(run_dir / 'checkpoints-damaged' / '6') == damaged  # every byte kept
   assert results['resumed_from_step'] == 3
   final = _state(run_dir)
-  for key, value in finished[2][3].items():  # as if the damaged one had never been written
+  for key, value in taken_on[3].items():  # as if the damaged one had never been written
     assert np.array_equal(final[key], value), key
 
 
-def test_an_empty_step_directory_is_set_aside(finished, tmp_path, capsys):
-  run_dir = _copy(finished[0], tmp_path)
+@pytest.mark.slow  # with taken_on's two runs
+def test_an_empty_step_directory_is_set_aside(earlier_run, taken_on, tmp_path, capsys):
+  run_dir = _copy(earlier_run[0], tmp_path)
   (run_dir / 'checkpoints' / '9').mkdir()
-  results = train.run(small_config(**{'data.path': finished[1], 'total_steps': 9}), str(run_dir))
+  results = train.run(small_config(**{'data.path': earlier_run[1], 'total_steps': 9}), str(run_dir))
   assert 'step 9 (incomplete: no _CHECKPOINT_METADATA)' in capsys.readouterr().out
   assert (run_dir / 'checkpoints-damaged' / '9').is_dir()
   assert results['resumed_from_step'] == 6
   final = _state(run_dir)
-  for key, value in finished[2][6].items():
+  for key, value in taken_on[6].items():
     assert np.array_equal(final[key], value), key
 
 
-def test_a_checkpoint_of_another_model_is_refused_not_set_aside(finished, tmp_path):
+def test_a_checkpoint_of_another_model_is_refused_not_set_aside(earlier_run, tmp_path):
   """Without config.json to compare, the checkpoint's own shapes show the width differs."""
-  run_dir = _copy(finished[0], tmp_path)
+  run_dir = _copy(earlier_run[0], tmp_path)
   (run_dir / 'config.json').unlink()
   before = snapshot(run_dir)
-  config = small_config(**{'data.path': finished[1], 'model.width': 8, 'total_steps': 9})
+  config = small_config(**{'data.path': earlier_run[1], 'model.width': 8, 'total_steps': 9})
   with pytest.raises(checkpoint.CheckpointMismatch) as raised:
     train.run(config, str(run_dir))
   message = str(raised.value)
@@ -132,16 +132,17 @@ def test_a_checkpoint_of_another_model_is_refused_not_set_aside(finished, tmp_pa
   assert snapshot(run_dir) == before
 
 
-def test_a_run_in_a_workdir_another_run_holds_is_refused_naming_it(finished, tmp_path):
-  run_dir = _copy(finished[0], tmp_path)
+def test_a_run_in_a_workdir_another_run_holds_is_refused_naming_it(earlier_run, tmp_path):
+  run_dir = _copy(earlier_run[0], tmp_path)
   with workdir_lib.lock(str(run_dir)):
     before = snapshot(run_dir)
     with pytest.raises(UserError, match=f'workdir {run_dir} is in use by pid {os.getpid()} '):
-      train.run(small_config(**{'data.path': finished[1], 'total_steps': 9}), str(run_dir))
+      train.run(small_config(**{'data.path': earlier_run[1], 'total_steps': 9}), str(run_dir))
     assert snapshot(run_dir) == before
   assert not (run_dir / workdir_lib.LOCK_FILE).exists()  # gone with its holder
 
 
+@pytest.mark.multiprocess
 def test_two_processes_started_together_one_runs_the_other_is_refused(tmp_path, npz_path):
   workdir = tmp_path / 'run'
   command = [sys.executable, '-m', 'tljax.train', f'--config={REPO}/configs/tests/arrays.py',
@@ -190,21 +191,10 @@ def test_a_checkpoint_directory_removed_during_a_failed_save_is_reported_truthfu
     ckpt.save(6, {'w': np.arange(4.0)})
 
 
-def test_an_unreadable_checkpoint_is_refused_not_set_aside(finished, tmp_path):
-  """Permission bits do not stop root, so as root the check runs as `nobody`."""
-  base = tempfile.mkdtemp()  # /tmp: a path `nobody` can walk (pytest's tmp_path is 0700)
-  os.chmod(base, 0o755)
-  run_dir = _copy(finished[0], pathlib.Path(base))
-  step_dir = run_dir / 'checkpoints' / '6'
-  os.chmod(step_dir / 'default', 0o000)
-  as_root = os.geteuid() == 0
-  try:
-    if as_root:
-      os.seteuid(65534)
-    with pytest.raises(UserError, match=f'{step_dir / "default"} is not readable by this user'):
-      checkpoint.restore_newest(str(run_dir), None)
-  finally:
-    if as_root:
-      os.seteuid(0)
-    os.chmod(step_dir / 'default', 0o755)
-    shutil.rmtree(base)
+def test_an_unreadable_checkpoint_is_refused_not_set_aside(earlier_run):
+  with walkable_copy(earlier_run[0]) as run_dir:
+    step_dir = pathlib.Path(run_dir) / 'checkpoints' / '6'
+    os.chmod(step_dir / 'default', 0o000)
+    with as_nobody(), pytest.raises(UserError, match=f'{step_dir / "default"} is not readable '
+                                                     'by this user'):
+      checkpoint.restore_newest(run_dir, None)

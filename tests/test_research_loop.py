@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, image_folder, small_config, snapshot, write_npz
+from helpers import REPO, image_folder, small_config, snapshot, write_npz
 
 import tljax
 from tljax import checkpoint, metrics, preemption, train
@@ -180,6 +180,7 @@ def _predict(*args):
                         env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
 
 
+@pytest.mark.slow
 def test_predict_on_a_folder_prints_class_names_and_writes_one_row_per_image(tmp_path):
   images = _image_folder(tmp_path / 'images')
   workdir = str(tmp_path / 'run')
@@ -269,6 +270,7 @@ def _refusals(root, data, run):
   ]
 
 
+@pytest.mark.slow
 def test_every_research_loop_mistake_is_one_line_and_writes_nothing(diverged, tmp_path):
   root, data, _ = diverged
   run = str(tmp_path / 'run')

@@ -9,8 +9,8 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, make_arrays, small_config
-from test_weights import _RunsShell, _write_malicious
+from helpers import REPO, make_arrays, small_config
+from hostile_files import RunsShell, write_malicious
 
 from tljax import train
 from tljax.data.sources import ArraySource, DataError
@@ -19,7 +19,7 @@ from tljax.weights.errors import WeightsError
 
 
 def _object_npz(path, marker, prefix=''):
-  payload = np.array([_RunsShell(f'touch {marker}')], dtype=object)
+  payload = np.array([RunsShell(f'touch {marker}')], dtype=object)
   np.savez(path, **{f'{prefix}images': payload, f'{prefix}labels': np.zeros(1, np.int32)})
   assert b'system' in path.read_bytes()  # the payload is really in the file
 
@@ -42,19 +42,10 @@ def test_npz_dataset_holding_object_arrays_is_refused(tmp_path):
   assert not marker.exists()
 
 
-def test_truncated_safetensors_is_refused(tmp_path):
-  from safetensors.numpy import save_file
-  path = tmp_path / 'model.safetensors'
-  save_file({'w': np.ones((64, 64), np.float32)}, path)
-  path.write_bytes(path.read_bytes()[:2000])
-  with pytest.raises(WeightsError, match=f'{path}: not a readable safetensors file'):
-    read.read_file(str(path))
-
-
 @pytest.mark.parametrize('zip_format', [True, False])
 def test_pickle_payload_as_pretrained_weights_stops_the_run_before_it_runs(tmp_path, zip_format):
   path, marker = tmp_path / 'evil.pth', tmp_path / 'pwned'
-  _write_malicious(path, marker, zip_format)
+  write_malicious(path, marker, zip_format)
   config = small_config(**{'init.pretrained': str(path)})
   source = ArraySource({'train': make_arrays(seed=0), 'test': make_arrays(seed=1)})
   with pytest.raises(WeightsError, match=r'refusing to load global (os|posix)\.system'):

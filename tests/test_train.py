@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 import tensorflow_datasets as tfds
-from conftest import small_config
+from helpers import small_config
 from PIL import Image
 
 from tljax import train
@@ -90,6 +90,15 @@ def test_image_folder_run_writes_the_workdir_contract(tmp_path):
   for key in ('eval', 'wall_time_s', 'trainable_params', 'frozen_params',
               'optimizer_state_bytes'):
     assert key in saved
+  # The counts add up to the model's parameters, counted here from a fresh params pytree; the
+  # frozen ones are the stem's (small_config freezes 'stem/.*').
+  from tljax.config import resolve
+  _, params, _, _, _ = train.create_train_state(resolve(config))
+  assert saved['trainable_params'] + saved['frozen_params'] == sum(
+      int(np.size(leaf)) for leaf in jax.tree.leaves(params))
+  assert saved['frozen_params'] == sum(int(np.size(leaf))
+                                       for leaf in jax.tree.leaves(params['stem']))
+  assert saved['frozen_params'] > 0 and saved['trainable_params'] > 0
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['3', '6']
 
 
@@ -131,8 +140,13 @@ def test_frozen_leaves_keep_negative_zero_bitwise():
 @pytest.mark.parametrize('schedule', ['cosine', 'linear', 'step', 'constant'])
 def test_schedules_warm_up_then_decay(schedule):
   from tljax.optim import make_schedule
-  fn = make_schedule(dict(name=schedule, warmup_steps=10), 1.0, 110)
-  assert float(fn(0)) == 0.0 and float(fn(10)) == pytest.approx(1.0)
-  assert float(fn(109)) <= float(fn(10))
-  if schedule != 'constant':
-    assert float(fn(109)) < 0.5
+  base = 0.3
+  fn = make_schedule(dict(name=schedule, warmup_steps=10), base, 110)
+  assert float(fn(0)) == 0.0 and float(fn(5)) == pytest.approx(base / 2)  # linear warmup
+  after_warmup = [float(fn(step)) for step in (10, 11, 40, 80, 109)]
+  assert after_warmup[0] == pytest.approx(base)
+  if schedule == 'constant':
+    assert after_warmup == pytest.approx([base] * 5)
+  else:
+    assert after_warmup == sorted(after_warmup, reverse=True)  # never rises again
+    assert after_warmup[-1] < base / 2

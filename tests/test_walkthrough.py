@@ -8,9 +8,12 @@ import re
 import subprocess
 import sys
 
-from conftest import REPO, image_folder
+import pytest
+from helpers import REPO, image_folder
 
 from tljax.weights import read
+
+pytestmark = pytest.mark.slow  # trains, sweeps, predicts and exports: over a minute
 
 
 def _walkthrough() -> str:

@@ -1,12 +1,9 @@
 """Pretrained weights: safe readers, real weights on real photos, errors, zoo, round trip."""
 
-import os
-import pickle
-import zipfile
-
 import numpy as np
 import pytest
-from conftest import small_config, write_npz
+from helpers import small_config, write_npz
+from hostile_files import write_malicious
 
 import tljax
 from tljax import train
@@ -14,40 +11,17 @@ from tljax.errors import UserError
 from tljax.freeze import flat_paths
 from tljax.models import mobilenet_v2
 from tljax.predict import Predictor, imagenet_classes, predict
-from tljax.weights import load, read, torch_file, zoo
+from tljax.weights import load, read, zoo
 from tljax.weights.errors import WeightsError
-
-torch = pytest.importorskip('torch')
 
 CATS = {'tabby, tabby cat', 'tiger cat', 'Persian cat', 'Siamese cat, Siamese', 'Egyptian cat'}
 COFFEE = {'espresso', 'cup', 'coffee mug'}
 
 
-class _RunsShell:
-  def __init__(self, command):
-    self.command = command
-
-  def __reduce__(self):
-    return (os.system, (self.command,))
-
-
-def _write_malicious(path, marker, zip_format):
-  payload = pickle.dumps({'conv.weight': _RunsShell(f'touch {marker}')}, protocol=2)
-  if zip_format:
-    with zipfile.ZipFile(path, 'w') as archive:
-      archive.writestr('archive/data.pkl', payload)
-      archive.writestr('archive/byteorder', 'little')
-  else:
-    with open(path, 'wb') as f:
-      for header in (torch_file.LEGACY_MAGIC, 1001, {'little_endian': True}):
-        pickle.dump(header, f, protocol=2)
-      f.write(payload)
-
-
 @pytest.mark.parametrize('zip_format', [True, False])
 def test_unpickler_refuses_a_file_that_calls_os_system(tmp_path, zip_format):
   path, marker = tmp_path / 'evil.pth', tmp_path / 'pwned'
-  _write_malicious(path, marker, zip_format)
+  write_malicious(path, marker, zip_format)
   with pytest.raises(WeightsError, match=r'refusing to load global (os|posix)\.system'):
     read.read_file(str(path))
   assert not marker.exists()
@@ -55,6 +29,7 @@ def test_unpickler_refuses_a_file_that_calls_os_system(tmp_path, zip_format):
 
 @pytest.mark.parametrize('zip_format', [True, False])
 def test_torch_reader_matches_torch_without_importing_it(tmp_path, zip_format):
+  torch = pytest.importorskip('torch')
   gen = torch.Generator().manual_seed(0)
   base = torch.randn(6, 4, 3, 3, generator=gen)
   state = {
@@ -113,29 +88,18 @@ def test_missing_mismatched_and_unexpected_keys_in_one_line():
   assert 'unexpected (1): unconverted/extra/weight.' in message
 
 
-def test_sha256_mismatch_fails_before_the_file_is_parsed(tmp_path, monkeypatch):
-  path = tmp_path / 'weights.pth'
-  _write_malicious(path, tmp_path / 'pwned', zip_format=True)  # parsing would be refused
-  entry = zoo.ZooEntry('mobilenet_v2', 'torchvision', str(path), '0' * 64, 1000)
-  monkeypatch.setitem(zoo.ZOO, 'test/bad_hash', entry)
-  with pytest.raises(WeightsError, match='sha256 .* does not match the expected 0000'):
-    tljax.create('mobilenet_v2', pretrained='test/bad_hash', image_size=32)
-
-
 def test_zoo_package_files_match_their_pinned_sha256():
+  checked = []
   for name, entry in zoo.ZOO.items():
     if entry.where.startswith('package:'):
-      read.verify_sha256(zoo.locate(entry.where), entry.sha256)  # raises on mismatch
       assert len(entry.sha256) == 64, name
+      read.verify_sha256(zoo.locate(entry.where), entry.sha256)  # raises on mismatch
+      checked.append(name)
+  assert {'mobilenet_v2/imagenet', 'efficientnet_lite0/imagenet',
+          'minilm_l6/all-v2'} <= set(checked), checked
 
 
-def test_npz_reader_refuses_object_arrays(tmp_path):
-  path = tmp_path / 'objects.npz'
-  np.savez(path, bad=np.array([{'a': 1}], dtype=object))
-  with pytest.raises(WeightsError, match='object arrays would need pickle'):
-    read.read_file(str(path))
-
-
+@pytest.mark.slow  # two runs
 def test_workdir_round_trip_into_a_task_with_other_classes(tmp_path, npz_path):
   source = small_config(**{'data.path': npz_path})
   train.run(source, str(tmp_path / 'source'))
@@ -213,7 +177,7 @@ def test_weights_that_are_integers_or_not_finite_are_named_not_loaded():
 
 
 def test_a_legitimately_expanded_torch_tensor_reads_and_odd_dtypes_are_named(tmp_path):
-  import torch
+  torch = pytest.importorskip('torch')
   expanded = torch.arange(3, dtype=torch.float32).expand(4, 3)  # stride 0: 3 stored, 12 held
   torch.save({'w': expanded}, tmp_path / 'expanded.pth')
   read_back = read.read_file(str(tmp_path / 'expanded.pth'))['w']
