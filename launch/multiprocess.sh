@@ -3,7 +3,8 @@
 # devices: what the hosts of a TPU VM slice do, on one machine.
 #   launch/multiprocess.sh N CONFIG[:ARG] WORKDIR [--config.a.b=v ...]
 # Environment: DEVICES_PER_PROCESS (default 4, a TPU v4/v5 host's chips), PORT (the
-# coordinator's; default random), PYTHON. Process i appends to WORKDIR/process_i.log; the exit
+# coordinator's; default random), PYTHON (else the active environment's python, else .venv:
+# launch/_python.sh). Process i appends to WORKDIR/process_i.log; the exit
 # status is that of the lowest-numbered process that failed (75: preempted; rerun to resume).
 set -euo pipefail
 if [ "$#" -lt 3 ]; then
@@ -16,7 +17,9 @@ workdir=$3
 shift 3
 devices=${DEVICES_PER_PROCESS:-4}
 here=$(cd "$(dirname "$0")/.." && pwd)
-python=${PYTHON:-$here/.venv/bin/python}
+# shellcheck source-path=SCRIPTDIR source=_python.sh
+source "$here/launch/_python.sh"
+python=$(pick_python "$here")
 port=${PORT:-$((20000 + RANDOM % 20000))}
 for pair in "N:$num" "DEVICES_PER_PROCESS:$devices" "PORT:$port"; do
   value=${pair#*:}

@@ -429,9 +429,10 @@ def _get(config: ml_collections.ConfigDict, key: str) -> Any:
   return node
 
 
-def check_values(config: ml_collections.ConfigDict) -> None:
+def check_values(config: ml_collections.ConfigDict, source_given: bool = False) -> None:
   """Refuses a value no run could use sensibly (a negative learning rate, zero steps, mean and
-  std that do not match the channels), naming the key and what it must be."""
+  std that do not match the channels), naming the key and what it must be. `source_given`: the
+  data comes from a Source passed in Python, not from data.source."""
   for key, (check, what) in VALUE_RULES.items():
     value = _get(config, key)
     if not check(value):
@@ -453,7 +454,8 @@ def check_values(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f'data.{key}={tuple(data[key])} must be finite numbers')
   if data.std is not None and not all(v > 0 for v in data.std):
     raise ConfigError(f'data.std={tuple(data.std)} must be positive')
-  if data.source == 'tfds' and not (isinstance(data.name, str) and data.name.strip()):
+  named = isinstance(data.name, str) and data.name.strip()
+  if not source_given and data.source == 'tfds' and not named:
     raise ConfigError("data.source='tfds' needs data.name, a TFDS dataset name (e.g. "
                       "'cifar10'); or set data.source to 'folder', 'npz', 'idx' or 'elpv'")
   boundaries = tuple(config.optim.schedule.boundaries)

@@ -113,15 +113,16 @@ def _with_presets(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   return config
 
 
-def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+def resolve_config(config: ml_collections.ConfigDict, source_given: bool = False
+                   ) -> ml_collections.ConfigDict:
   """The config a run uses: defaults filled in, zoo defaults applied, presets written out, every
-  value checked."""
+  value checked (`source_given`: the data is a Source passed to `run`, not data.source)."""
   config = _with_presets(_with_zoo_defaults(config_lib.resolve(config)))
   if config.select.mode is None:  # lower is better for a loss, higher for the rest
     config = config.copy_and_resolve_references()
     with config.unlocked():
       config.select.mode = 'min' if config.select.metric == 'loss' else 'max'
-  config_lib.check_values(config)
+  config_lib.check_values(config, source_given)
   return config
 
 
@@ -290,7 +291,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
 def _run(config: ml_collections.ConfigDict, workdir: str, source: sources.Source | None,
          fresh: bool, run_log: console.RunLog) -> dict[str, Any]:
   wall_start = time.time()
-  config = resolve_config(config)
+  config = resolve_config(config, source_given=source is not None)
   process_index, process_count = jax.process_index(), jax.process_count()
   is_main = process_index == 0
 
