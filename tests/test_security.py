@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import REPO, make_arrays, small_config
+from helpers import REPO, array_source, small_config
 from hostile_files import RunsShell, write_malicious
 
 from tljax import train
@@ -46,10 +46,13 @@ def test_npz_dataset_holding_object_arrays_is_refused(tmp_path):
 def test_pickle_payload_as_pretrained_weights_stops_the_run_before_it_runs(tmp_path, zip_format):
   path, marker = tmp_path / 'evil.pth', tmp_path / 'pwned'
   write_malicious(path, marker, zip_format)
+  refusal = r'refusing to load global (os|posix)\.system'
+  with pytest.raises(WeightsError, match=refusal):  # the reader alone
+    read.read_file(str(path))
+  assert not marker.exists()
   config = small_config(**{'init.pretrained': str(path)})
-  source = ArraySource({'train': make_arrays(seed=0), 'test': make_arrays(seed=1)})
-  with pytest.raises(WeightsError, match=r'refusing to load global (os|posix)\.system'):
-    train.run(config, str(tmp_path / 'run'), source=source)
+  with pytest.raises(WeightsError, match=refusal):  # and as a run's pretrained weights
+    train.run(config, str(tmp_path / 'run'), source=array_source())
   assert not marker.exists()
   assert not (tmp_path / 'run').exists()  # refused before the workdir was touched
 
