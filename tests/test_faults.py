@@ -20,7 +20,7 @@ from helpers import REPO, array_source, small_config, snapshot, write_npz
 
 from tljax import train
 from tljax.checkpoint import TMP_SUFFIX, Checkpointer
-from tljax.errors import PREEMPTED_EXIT_CODE
+from tljax.errors import PREEMPTED_EXIT_CODE, TRAINING_FAILED_EXIT_CODE
 from tljax.numerics import NonFiniteError
 from tljax.weights.read import restore_latest
 
@@ -273,7 +273,7 @@ def test_full_disk_during_a_save_keeps_the_checkpoints(tmp_path, npz_path):
       _command(workdir, [f'--config.data.path={npz_path}', '--config.total_steps=12'],
                small_files=True), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
   output = process.stdout + process.stderr
-  assert process.returncode == 2, output[-3000:]
+  assert process.returncode == TRAINING_FAILED_EXIT_CODE, output[-3000:]
   errors = [line for line in output.splitlines() if line.startswith('error:')]
   assert len(errors) == 1 and 'Traceback' not in output, output[-3000:]
   assert 'could not write the checkpoint of step 9' in errors[0]
@@ -329,7 +329,8 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path, npz_pa
       ['bash', f'{REPO}/launch/multiprocess.sh', '2', f'{REPO}/configs/tests/arrays.py',
        str(workdir), f'--config.data.path={npz_path}', '--config.total_steps=400',
        '--config.checkpoint_every=50'], cwd=REPO, stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT, start_new_session=True)
+      stderr=subprocess.STDOUT, start_new_session=True,
+      env={**os.environ, 'PYTHON': sys.executable})
   deadline = time.monotonic() + 240
   while not _complete_steps(workdir):
     assert launcher.poll() is None and time.monotonic() < deadline

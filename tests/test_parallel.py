@@ -147,7 +147,8 @@ def _multiprocess(processes, devices_per_process, workdir, args):
   result = subprocess.run(
       ['bash', f'{REPO}/launch/multiprocess.sh', str(processes),
        f'{REPO}/configs/tests/arrays.py', str(workdir), *args], cwd=REPO, capture_output=True,
-      text=True, timeout=300, env={**os.environ, 'DEVICES_PER_PROCESS': str(devices_per_process)})
+      text=True, timeout=300, env={**os.environ, 'DEVICES_PER_PROCESS': str(devices_per_process),
+                                  'PYTHON': sys.executable})
   logs = [(workdir / f'process_{i}.log').read_text() for i in range(processes)]
   assert result.returncode == 0, ''.join(log[-2000:] for log in logs)
   return logs[0]

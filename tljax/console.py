@@ -38,6 +38,15 @@ def quiet_terminal(verbosity_given: bool) -> None:
     absl_logging.get_absl_handler().setLevel(logging.WARNING)
 
 
+class _LogFile(logging.StreamHandler):
+  """The workdir's log file. A write that fails (a full disk) is dropped without the traceback
+  `logging` would print: the run's own error line names the disk, and a log is not worth more
+  lines on the terminal than the failure itself."""
+
+  def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's name)
+    del record
+
+
 class RunLog:
   """Library log records of one run: held in memory while the run is checked (nothing may be
   written then), appended to the workdir's log file once `open` is called. A context manager;
@@ -66,7 +75,7 @@ class RunLog:
   def open(self, path: str) -> None:
     """Appends the held records and every later one to `path` (a link there is refused)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644)
-    handler = logging.StreamHandler(os.fdopen(fd, 'a', encoding='utf-8'))
+    handler = _LogFile(os.fdopen(fd, 'a', encoding='utf-8'))
     handler.setFormatter(logging.Formatter(
         '%(asctime)s %(levelname).1s %(name)s %(filename)s:%(lineno)d] %(message)s'))
     handler.setLevel(logging.INFO)
