@@ -77,6 +77,9 @@ def base_config() -> ml_collections.ConfigDict:
       # Side images are resized to before the crop (unset: 8/7 of image_size; with
       # augment=False, image_size itself)
       resize_size=placeholder(int),
+      # How an image becomes a square, the same in training and evaluation: 'crop' resizes its
+      # shorter side (aspect kept) and crops; 'squash' resizes it to a square first
+      resize_mode='crop',
       channels=3,  # 1 (grayscale) or 3 (RGB)
       augment=True,  # random crop and horizontal flip of training images
       # Per-channel mean of pixels scaled to [0, 1] (unset: the pretrained source's, else
@@ -467,6 +470,9 @@ def check_values(config: ml_collections.ConfigDict, source_given: bool = False) 
   if classes is not None and (not classes or not all(_is_int(c) and c >= 0 for c in classes)
                               or len(set(classes)) != len(classes)):
     raise ConfigError(f'data.classes={classes!r} must be distinct class ids >= 0')
+  if data.resize_mode not in ('crop', 'squash'):
+    raise ConfigError(f"data.resize_mode={data.resize_mode!r} must be 'crop' (keep the aspect "
+                      "ratio, crop a square) or 'squash' (resize to a square)")
   _check_validation(config)
   for index, pattern in enumerate(config.init.dont_load):
     try:

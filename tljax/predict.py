@@ -4,7 +4,7 @@
   python -m tljax.predict --pretrained mobilenet_v2/imagenet photo.jpg
 
 A workdir brings its class names and preprocessing (model.json); a folder is searched for image
-files (.png, .jpg, .jpeg, .bmp, .gif) at any depth and run in batches. Every input is checked
+files (.png, .jpg, .jpeg, .bmp, .gif, .webp) at any depth and run in batches. Every input is checked
 before anything is computed: a file that is not a usable image is an error naming it, unless
 --skip-unreadable leaves it out (and says so). Exit status: 0 done, 2 bad input.
 """
@@ -23,8 +23,11 @@ import numpy as np
 from tljax import cli
 from tljax.errors import UserError
 
+# As tljax.data.sources.IMAGE_EXTENSIONS (a test keeps them equal); importing that module here
+# would load TensorFlow and TFDS before the first argument is checked.
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp')
+
 CLASS_FILE = os.path.join(os.path.dirname(__file__), 'data', 'imagenet_classes.tsv')
-IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif')
 MAX_PIXELS = 100_000_000
 
 
@@ -69,7 +72,8 @@ class Predictor:
     """The preprocessing as tljax.data.preprocess reads it (its evaluation view)."""
     pre = self.preprocessing
     return dict(image_size=pre['image_size'], resize_size=pre['resize_size'], augment=True,
-                channels=pre.get('channels', 3), mean=tuple(pre['mean']), std=tuple(pre['std']))
+                resize_mode=pre.get('resize_mode', 'crop'), channels=pre.get('channels', 3),
+                mean=tuple(pre['mean']), std=tuple(pre['std']))
 
 
 def find_images(inputs: Sequence[str]) -> list[str]:

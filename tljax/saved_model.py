@@ -20,7 +20,6 @@ import ml_collections
 from tljax.errors import UserError
 
 RECORD_FILE = 'model.json'
-RESIZE_METHOD = 'bilinear, antialiased: shorter side to resize_size, then a central crop'
 
 
 def make_record(config: ml_collections.ConfigDict, class_names: Sequence[str] | None
@@ -36,7 +35,7 @@ def make_record(config: ml_collections.ConfigDict, class_names: Sequence[str] | 
       preprocessing=dict(
           image_size=data.image_size,
           resize_size=preprocess.resize_size(data) if data.augment else data.image_size,
-          resize=RESIZE_METHOD, channels=data.channels,
+          resize_mode=data.resize_mode, channels=data.channels,
           mean=list(data.mean or preprocess.IMAGENET_MEAN),
           std=list(data.std or preprocess.IMAGENET_STD)),
       select=(dict(config.select) if sources.validation_split(data) is not None else None))

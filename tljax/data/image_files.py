@@ -57,11 +57,16 @@ def _header_size(path: str) -> tuple[int, int] | None:
     Image.MAX_IMAGE_PIXELS = limit
 
 
-def decode(data: tf.Tensor, channels: int) -> tf.Tensor:
-  """Encoded image bytes (PNG, JPEG, GIF's first frame, BMP) as uint8 [H, W, channels]. BMP
-  decodes only to 3 or 4 channels, so a grayscale BMP is decoded as RGB and converted."""
+def _decode_webp(data: tf.Tensor, channels: int) -> tf.Tensor:
+  """WebP's first frame; decode_image cannot drop the alpha of an RGBA WebP, so this does."""
+  rgb = tf.ensure_shape(tf.image.decode_webp(data)[0][..., :3], [None, None, 3])
+  return tf.image.rgb_to_grayscale(rgb) if channels == 1 else rgb
+
+
+def _decode_other(data: tf.Tensor, channels: int) -> tf.Tensor:
   if channels != 1:
-    return tf.io.decode_image(data, channels=channels, expand_animations=False)
+    return tf.ensure_shape(tf.io.decode_image(data, channels=channels, expand_animations=False),
+                           [None, None, channels])
   is_bmp = tf.strings.substr(data, 0, 2) == b'BM'
   return tf.cond(
       is_bmp,
@@ -70,10 +75,20 @@ def decode(data: tf.Tensor, channels: int) -> tf.Tensor:
                               [None, None, 1]))
 
 
+def decode(data: tf.Tensor, channels: int) -> tf.Tensor:
+  """Encoded image bytes (PNG, JPEG, GIF's and WebP's first frame, BMP) as uint8
+  [H, W, channels]. BMP decodes only to 3 or 4 channels, so a grayscale BMP is decoded as RGB
+  and converted."""
+  is_webp = tf.logical_and(tf.strings.substr(data, 0, 4) == b'RIFF',
+                           tf.strings.substr(data, 8, 4) == b'WEBP')
+  return tf.cond(is_webp, lambda: _decode_webp(data, channels),
+                 lambda: _decode_other(data, channels))
+
+
 def undecodable(paths: Sequence[str]) -> list[str]:
   """The image files among `paths` that TensorFlow cannot decode, in one parallel pass."""
   def index_if_readable(index, path):
-    image = tf.io.decode_image(tf.io.read_file(path), expand_animations=False)
+    image = decode(tf.io.read_file(path), 3)
     return index, tf.shape(image)[0]
 
   if not paths:

@@ -20,6 +20,34 @@ def resize_size(config: Mapping[str, Any]) -> int:
   return int(config.get('resize_size') or round(config['image_size'] * 8 / 7))
 
 
+RESIZE_MODES = ('crop', 'squash')
+
+
+def resize_mode(config: Mapping[str, Any]) -> str:
+  """data.resize_mode: 'crop' keeps the aspect ratio (shorter side resized, then a square crop:
+  random in training, central otherwise); 'squash' resizes to a square first. Training and
+  evaluation use the same one."""
+  mode = config.get('resize_mode') or 'crop'
+  if mode not in RESIZE_MODES:
+    raise ValueError(f'data.resize_mode must be one of {RESIZE_MODES}, got {mode!r}')
+  return mode
+
+
+def _resized(image: tf.Tensor, side: int, mode: str) -> tf.Tensor:
+  """`image` with its shorter side `side` (aspect kept), or squashed to `side` x `side`."""
+  if mode == 'squash':
+    return tf.image.resize(image, (side, side), antialias=True)
+  shape = tf.cast(tf.shape(image)[:2], tf.float32)
+  new_shape = tf.cast(tf.round(shape * (side / tf.reduce_min(shape))), tf.int32)
+  return tf.image.resize(image, tf.maximum(new_shape, side), antialias=True)
+
+
+def _central(image: tf.Tensor, size: int) -> tf.Tensor:
+  shape = tf.shape(image)
+  top, left = (shape[0] - size) // 2, (shape[1] - size) // 2
+  return tf.ensure_shape(image[top:top + size, left:left + size], (size, size, image.shape[-1]))
+
+
 def _to_channels(image: tf.Tensor, channels: int) -> tf.Tensor:
   """Grayscale arrays to RGB; encoded images were decoded with `channels` already."""
   if channels == 3 and image.shape[-1] == 1:
@@ -34,15 +62,19 @@ def _normalise(image: tf.Tensor, config: Mapping[str, Any]) -> tf.Tensor:
 
 
 def make_decode_fn(config: Mapping[str, Any], decode: Callable) -> Callable:
-  """record -> record with the image decoded and resized to the side augmentation crops from
-  (`resize_size`, or `image_size` without augmentation), still uint8: deterministic, so
-  `data.cache_decoded` can keep its output in memory."""
+  """record -> record with the image decoded and resized as `resize_mode` says to the side
+  augmentation crops from (`resize_size`), or without augmentation to the evaluation view's
+  central crop; still uint8: deterministic, so `data.cache_decoded` can keep its output in
+  memory."""
   channels = int(config.get('channels', 3))
-  side = resize_size(config) if config.get('augment', True) else int(config['image_size'])
+  augment, mode = config.get('augment', True), resize_mode(config)
+  side = resize_size(config) if augment else int(config['image_size'])
 
   def fn(record: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
     image = _to_channels(decode(record['image'], channels), channels)
-    image = tf.image.resize(image, (side, side), antialias=True)
+    image = _resized(image, side, mode)
+    if not augment:
+      image = _central(image, side)
     image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
     return {'image': image, 'label': tf.cast(record['label'], tf.int32)}
 
@@ -73,23 +105,17 @@ def make_train_fn(config: Mapping[str, Any], decode: Callable, seed: int) -> Cal
   return lambda position, record: augment_fn(position, decode_fn(record))
 
 
-def central_crop(image: tf.Tensor, size: int, resize: int) -> tf.Tensor:
-  """Shorter side resized to `resize` (aspect kept), then the central `size` x `size` crop: the
-  usual ImageNet evaluation view."""
-  shape = tf.cast(tf.shape(image)[:2], tf.float32)
-  scale = resize / tf.reduce_min(shape)
-  new_shape = tf.cast(tf.round(shape * scale), tf.int32)
-  image = tf.image.resize(image, new_shape, antialias=True)
-  top = (new_shape[0] - size) // 2
-  left = (new_shape[1] - size) // 2
-  return tf.ensure_shape(image[top:top + size, left:left + size], (size, size, image.shape[-1]))
+def central_crop(image: tf.Tensor, size: int, resize: int, mode: str = 'crop') -> tf.Tensor:
+  """Resized to `resize` as `mode` says (shorter side, aspect kept, for 'crop': the usual
+  ImageNet evaluation view), then the central `size` x `size` crop."""
+  return _central(_resized(image, resize, mode), size)
 
 
 def normalised_view(image: tf.Tensor, config: Mapping[str, Any]) -> tf.Tensor:
   """A decoded image as the model sees it at evaluation (crop, then mean/std)."""
   size = int(config['image_size'])
   resize = resize_size(config) if config.get('augment', True) else size
-  return _normalise(central_crop(image, size, resize), config)
+  return _normalise(central_crop(image, size, resize, resize_mode(config)), config)
 
 
 def make_eval_fn(config: Mapping[str, Any], decode: Callable) -> Callable:

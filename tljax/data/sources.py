@@ -12,6 +12,7 @@ import importlib.util
 import math
 import os
 import struct
+import sys
 import types
 import zlib
 from collections.abc import Mapping, Sequence
@@ -26,7 +27,7 @@ from tljax.data import image_files
 from tljax.data.tf_quiet import tf  # TF with accelerators hidden
 from tljax.errors import UserError
 
-IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif')
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp')
 DEFAULT_MAX_PIXELS = 100_000_000  # data.max_image_pixels
 
 
@@ -185,17 +186,25 @@ class FolderSource(Source):
     split_dir = os.path.join(self.root, split)
     if not os.path.isdir(split_dir):
       raise DataError(f'split {split!r} not found: no folder {split_dir}')
-    paths, labels = [], []
+    paths, labels, ignored = [], [], []
     for label, name in enumerate(self.class_names):
       class_dir = os.path.join(split_dir, name)
       if not os.path.isdir(class_dir):
         continue
-      files = [f for f in sorted(_listdir(class_dir)) if f.lower().endswith(IMAGE_EXTENSIONS)]
+      names = [f for f in sorted(_listdir(class_dir)) if not _hidden(f)]
+      files = [f for f in names if f.lower().endswith(IMAGE_EXTENSIONS)]
+      ignored += [os.path.join(class_dir, f) for f in names if f not in files]
       if not files:
         raise DataError(f'class folder {class_dir} holds no image files '
                         f'({", ".join(IMAGE_EXTENSIONS)}); add images or remove the folder')
       paths += [os.path.join(class_dir, f) for f in files]
       labels += [label] * len(files)
+    if ignored:  # a .tif or .heic among the images: said, not silently left out
+      shown = ', '.join(ascii(p)[1:-1] for p in ignored[:5])
+      print(f'warning: split {split!r}: {len(ignored)} file(s) without an image extension '
+            f'({", ".join(IMAGE_EXTENSIONS)}) are not read: {shown}'
+            + (f' and {len(ignored) - 5} more' if len(ignored) > 5 else '')
+            + '; convert them to PNG or JPEG to use them', file=sys.stderr, flush=True)
     found = image_files.problems(paths, self.max_pixels)
     if found and not self.skip_corrupt:
       raise DataError(image_files.message(split, found))
