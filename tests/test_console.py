@@ -101,6 +101,7 @@ def test_rerun_appends_to_the_log(tmp_path):
   assert subprocess.run(command, cwd=REPO, capture_output=True, timeout=300).returncode == 0
   first = (workdir / console.LOG_FILE).read_text()
   command[-3] = '--config.total_steps=20'
+  command.append('--config.optim.schedule.steps=10')  # the schedule as it was
   assert subprocess.run(command, cwd=REPO, capture_output=True, timeout=300).returncode == 0
   second = (workdir / console.LOG_FILE).read_text()
   assert second.startswith(first) and len(second) > len(first)

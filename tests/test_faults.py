@@ -180,9 +180,23 @@ def test_sigkill_at_random_moments_loses_nothing(run_args, uninterrupted, tmp_pa
   assert [m['step'] for m in lines if m['split'] == 'train'] == list(
       range(LOG_EVERY, TOTAL_STEPS + 1, LOG_EVERY))
   assert json.loads((workdir / 'results.json').read_text())['final_step'] == TOTAL_STEPS
+  # TensorBoard too: one point per logged step over every events file the attempts left.
+  assert _tensorboard_steps(workdir, 'train/loss') == list(
+      range(LOG_EVERY, TOTAL_STEPS + 1, LOG_EVERY))
   print(f'\nfault injection: {len(kills)} SIGKILLs ({sum(m == "mid-checkpoint" for m, _ in kills)}'
         f' mid-checkpoint), {attempt} attempts, {partial_seen} restarts found a half-written '
         f'checkpoint, resumed at {resumes}; final state bitwise equal')
+
+
+def _tensorboard_steps(workdir, tag):
+  """The steps of every `tag` point in the workdir's events files, sorted, duplicates kept."""
+  import tensorflow as tf
+  steps = []
+  for path in workdir.glob('events.out.tfevents.*'):
+    for record in tf.data.TFRecordDataset(str(path)).as_numpy_iterator():
+      event = tf.compat.v1.Event.FromString(record)
+      steps += [event.step for value in event.summary.value if value.tag == tag]
+  return sorted(steps)
 
 
 def _wait_for_a_checkpoint(process, workdir):

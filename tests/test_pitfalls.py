@@ -86,3 +86,68 @@ def test_webp_images_are_read_and_other_files_named(tmp_path, capsys):
              if r['image'].numpy().endswith(b'alpha.webp')][0]]
   # The alpha channel dropped, not mixed in (lossy WebP: within a few levels).
   assert np.abs(red[0, 0].astype(int) - (200, 30, 30)).max() <= 6, red[0, 0]
+
+
+def _lrs(workdir):
+  import json
+  lines = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  return {m['step']: m['lr'] for m in lines if m['split'] == 'train'}
+
+
+def test_raising_total_steps_on_resume_is_refused_and_the_named_fix_keeps_the_schedule(
+    tmp_path):
+  from helpers import array_source, small_config, snapshot
+
+  from tljax import train
+  from tljax.workdir import WorkdirError
+  schedule = {'optim.schedule.name': 'cosine', 'optim.schedule.end_factor': 0.1,
+              'log_every': 1}
+  workdir = tmp_path / 'run'
+  train.run(small_config(**schedule), str(workdir), source=array_source())
+  before = snapshot(workdir)
+  with pytest.raises(WorkdirError) as error:
+    train.run(small_config(**schedule, total_steps=12), str(workdir), source=array_source())
+  assert snapshot(workdir) == before  # refused before anything was written
+  message = str(error.value)
+  assert 'cosine schedule over 6 steps; this run would stretch it over 12' in message
+  fix = message.split('add --config.')[1].split(';')[0]
+  assert fix == 'optim.schedule.steps=6'
+  results = train.run(small_config(**schedule, total_steps=12, **{'optim.schedule.steps': 6}),
+                      str(workdir), source=array_source())
+  assert results['final_step'] == 12 and results['resumed_from_step'] == 6
+  lrs = _lrs(workdir)
+  # Steps 1-6 as they were; after them the schedule's end value, no jump back up.
+  assert all(lrs[step] == pytest.approx(0.1 * 0.1) for step in range(7, 13))
+  assert all(lrs[a] >= lrs[b] for a, b in zip(range(1, 12), range(2, 13), strict=True))
+  assert lrs[1] > 5 * lrs[12]  # it did decay over the first 6 steps
+
+
+def test_a_constant_schedule_trains_on_without_the_key(tmp_path):
+  from helpers import array_source, small_config
+
+  from tljax import train
+  constant = {'optim.schedule.name': 'constant'}
+  workdir = tmp_path / 'run'
+  train.run(small_config(**constant), str(workdir), source=array_source())
+  results = train.run(small_config(**constant, total_steps=9), str(workdir),
+                      source=array_source())
+  assert results['final_step'] == 9
+
+
+def test_optim_groups_from_the_command_line():
+  from tljax import config as config_lib
+  text = "[('stem/.*', None), ('head/.*', {'lr_mult': 10.0}), ('.*', {})]"
+  config = config_lib.apply_overrides(config_lib.base_config(), [('optim.groups', text)])
+  assert list(config.optim.groups) == [('stem/.*', None), ('head/.*', {'lr_mult': 10.0}),
+                                       ('.*', {})]
+  with pytest.raises(config_lib.ConfigError, match='a Python literal list is needed'):
+    config_lib.apply_overrides(config_lib.base_config(), [('optim.groups', "[('stem/.*', None")])
+
+
+def test_stage_presets_name_what_they_freeze():
+  from tljax import freeze
+  from tljax.models import get_entry
+  line = freeze.preset_line('stages:7', get_entry('mobilenet_v2').stages, 'mobilenet_v2')
+  assert 'frozen: stem, stage1, stage2, stage3, stage4, stage5, stage6;' in line
+  assert line.endswith('trained: stage7, final, head')
+  assert freeze.preset_line('full', get_entry('mobilenet_v2').stages, 'mobilenet_v2') is None

@@ -23,13 +23,19 @@ from tljax.errors import PREEMPTED_EXIT_CODE, UserError
 from tljax.weights.read import restore_latest
 
 
+def _on_to_nine(data, **overrides):
+  """The finished 6-step run's config taken on to 9 steps, its schedule kept as it was."""
+  return small_config(**{'data.path': data, 'total_steps': 9, 'optim.schedule.steps': 6,
+                         **overrides})
+
+
 @pytest.fixture(scope='module')
 def taken_on(earlier_run, tmp_path_factory):
   """The final states of taking the finished run on to 9 steps from each of its checkpoints
   (the one of step 6 removed for the second): step -> state."""
   run_dir, data = earlier_run
   root = tmp_path_factory.mktemp('taken_on')
-  nine = small_config(**{'data.path': data, 'total_steps': 9})
+  nine = _on_to_nine(data)
   shutil.copytree(run_dir, root / 'from6')
   train.run(nine, str(root / 'from6'))
   shutil.copytree(run_dir, root / 'from3', ignore=shutil.ignore_patterns('6'))
@@ -71,7 +77,7 @@ def test_a_total_below_the_saved_step_is_refused_naming_both(earlier_run, tmp_pa
 def test_training_on_past_a_finish_keeps_the_earlier_results(earlier_run, tmp_path):
   run_dir = _copy(earlier_run[0], tmp_path)
   earlier = (run_dir / 'results.json').read_bytes()
-  results = train.run(small_config(**{'data.path': earlier_run[1], 'total_steps': 9}), str(run_dir))
+  results = train.run(_on_to_nine(earlier_run[1]), str(run_dir))
   assert (run_dir / 'results-step6.json').read_bytes() == earlier
   assert results['final_step'] == 9 and results['resumed_from_step'] == 6
   assert json.loads((run_dir / 'results.json').read_text())['final_step'] == 9
@@ -93,7 +99,7 @@ def test_a_damaged_latest_checkpoint_is_set_aside_and_training_resumes_from_the_
   run_dir = _copy(earlier_run[0], tmp_path)
   _truncate_array_files(run_dir / 'checkpoints' / '6')
   damaged = snapshot(run_dir / 'checkpoints' / '6')
-  results = train.run(small_config(**{'data.path': earlier_run[1], 'total_steps': 9}), str(run_dir))
+  results = train.run(_on_to_nine(earlier_run[1]), str(run_dir))
   printed = capsys.readouterr().out
   [line] = [line for line in printed.splitlines() if line.startswith('damaged')]
   assert line.startswith('damaged checkpoints set aside, not deleted: step 6 (')
@@ -109,7 +115,7 @@ def test_a_damaged_latest_checkpoint_is_set_aside_and_training_resumes_from_the_
 def test_an_empty_step_directory_is_set_aside(earlier_run, taken_on, tmp_path, capsys):
   run_dir = _copy(earlier_run[0], tmp_path)
   (run_dir / 'checkpoints' / '9').mkdir()
-  results = train.run(small_config(**{'data.path': earlier_run[1], 'total_steps': 9}), str(run_dir))
+  results = train.run(_on_to_nine(earlier_run[1]), str(run_dir))
   assert 'step 9 (incomplete: no _CHECKPOINT_METADATA)' in capsys.readouterr().out
   assert (run_dir / 'checkpoints-damaged' / '9').is_dir()
   assert results['resumed_from_step'] == 6
@@ -123,7 +129,7 @@ def test_a_checkpoint_of_another_model_is_refused_not_set_aside(earlier_run, tmp
   run_dir = _copy(earlier_run[0], tmp_path)
   (run_dir / 'config.json').unlink()
   before = snapshot(run_dir)
-  config = small_config(**{'data.path': earlier_run[1], 'model.width': 8, 'total_steps': 9})
+  config = _on_to_nine(earlier_run[1], **{'model.width': 8})
   with pytest.raises(checkpoint.CheckpointMismatch) as raised:
     train.run(config, str(run_dir))
   message = str(raised.value)
@@ -137,7 +143,7 @@ def test_a_run_in_a_workdir_another_run_holds_is_refused_naming_it(earlier_run, 
   with workdir_lib.lock(str(run_dir)):
     before = snapshot(run_dir)
     with pytest.raises(UserError, match=f'workdir {run_dir} is in use by pid {os.getpid()} '):
-      train.run(small_config(**{'data.path': earlier_run[1], 'total_steps': 9}), str(run_dir))
+      train.run(_on_to_nine(earlier_run[1]), str(run_dir))
     assert snapshot(run_dir) == before
   assert not (run_dir / workdir_lib.LOCK_FILE).exists()  # gone with its holder
 

@@ -323,7 +323,8 @@ def test_a_selected_checkpoint_damaged_later_leaves_the_run_reporting_the_last(d
   for path in (workdir / 'checkpoints' / str(best)).rglob('*'):
     if path.is_file() and path.stat().st_size > 100 and 'metrics' not in path.parts:
       path.write_bytes(path.read_bytes()[:50])  # truncated array data
-  extended = train.run(_diverging_config(data, total_steps=18), str(workdir))
+  longer = _diverging_config(data, total_steps=18, **{'optim.schedule.steps': 16})
+  extended = train.run(longer, str(workdir))
   assert 'the selected checkpoint of step' in capsys.readouterr().err
   assert extended['best']['step'] == 18 and extended['selected_step'] == 18
   assert (workdir / 'results.json').exists()

@@ -120,6 +120,9 @@ def base_config() -> ml_collections.ConfigDict:
       schedule=dict(
           name='cosine',  # 'constant' | 'cosine' | 'linear' | 'step'
           warmup_steps=0,  # steps of linear warmup
+          # Steps the schedule spans, warmup included (unset: total_steps); past them the lr
+          # stays at its final value. Set it to the earlier total to train on past a finish
+          steps=placeholder(int),
           end_factor=0.0,  # 'cosine' and 'linear': the final lr as a fraction of optim.lr
           boundaries=(0.5, 0.75),  # 'step': fractions of the steps after warmup where lr drops
           decay_factor=0.1,  # 'step': what each boundary multiplies the lr by
@@ -308,6 +311,10 @@ def parse_override(config: ml_collections.ConfigDict, key: str, text: str) -> An
     try:
       return ast.literal_eval(text)
     except (ValueError, SyntaxError):
+      if field_type in (list, tuple):
+        example = repr(node[leaf])
+        raise ValueError(f'a Python literal {field_type.__name__} is needed, written like its '
+                         f'value "{example}"') from None
       return text  # e.g. a path or a name for a free-form model key
   except (ValueError, TypeError, MemoryError, RecursionError) as e:
     raise ConfigError(f'override --config.{key}={text!r:.80}: {e}') from None
@@ -410,6 +417,7 @@ VALUE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     'optim.label_smoothing': _number(0, 1, high_open=True),
     'optim.grad_accum_steps': _integer(1),
     'optim.schedule.warmup_steps': _integer(0),
+    'optim.schedule.steps': _optional(_integer(1, MAX_STEPS)),
     'optim.schedule.end_factor': _number(0),
     'optim.schedule.decay_factor': _positive_number(),
     'freeze.head_lr_mult': _number(0),

@@ -168,6 +168,18 @@ def preset_groups(preset: str, stages: Sequence[str], head_lr_mult: float = 1.0
   return stage_groups(stages, frozen, head_rule)
 
 
+def preset_line(preset: str | None, stages: Sequence[str], model_name: str) -> str | None:
+  """What a `stages:K` preset freezes, by name: K counts STAGES from the stem, so on
+  MobileNetV2 'stages:7' freezes stem and stage1-6, and stage7 trains."""
+  if not preset or not preset.startswith('stages:'):
+    return None
+  count = int(preset.partition(':')[2])
+  frozen, trained = stages[:count], stages[count:]
+  return (f'freeze.preset={preset!r}: the first {count} of {model_name}\'s {len(stages)} STAGES '
+          f'(counted from the stem) are frozen: {", ".join(frozen)}; trained: '
+          f'{", ".join(trained)}')
+
+
 def stage_patterns(stages: Sequence[str]) -> str:
   """One regex matching every parameter path under any of `stages`."""
   return '({})/.*'.format('|'.join(re.escape(s) for s in stages))

@@ -18,6 +18,7 @@ from clu import metric_writers
 from tljax.errors import TrainingFailed
 
 METRICS_FILE = 'metrics.jsonl'
+EVENTS_PREFIX = 'events.out.tfevents.'
 
 
 class MetricsLog:
@@ -26,10 +27,13 @@ class MetricsLog:
   def __init__(self, workdir: str, is_main: bool = True, resume_step: int = 0):
     self.is_main = is_main
     self.path = os.path.join(workdir, METRICS_FILE)
+    if is_main:  # before the writer opens a new events file
+      _drop_after(self.path, resume_step)
+      for name in sorted(os.listdir(workdir)):
+        if name.startswith(EVENTS_PREFIX):
+          _drop_events_after(os.path.join(workdir, name), resume_step)
     self.writer = metric_writers.create_default_writer(
         workdir, just_logging=not is_main, asynchronous=False)
-    if is_main:
-      _drop_after(self.path, resume_step)
 
   def write(self, step: int, split: str, values: Mapping[str, float]) -> None:
     self.writer.write_scalars(step, {f'{split}/{k}': v for k, v in values.items()})
@@ -65,6 +69,29 @@ def _drop_after(path: str, step: int) -> None:
   tmp = path + '.tmp'
   with open(tmp, 'w') as f:
     f.writelines(lines)
+  os.replace(tmp, path)
+
+
+def _drop_events_after(path: str, step: int) -> None:
+  """On resume, TensorBoard events of steps after the restored checkpoint (they will be
+  logged again: one point per step, not two), and a record cut short by a killed process."""
+  tf = tf_quiet.tf
+  kept, dropped = [], False
+  try:
+    for record in tf.data.TFRecordDataset(path).as_numpy_iterator():
+      event = tf.compat.v1.Event.FromString(record)
+      if event.HasField('summary') and event.step > step:
+        dropped = True
+      else:
+        kept.append(record)
+  except (tf.errors.DataLossError, tf.errors.OutOfRangeError):  # cut short: keep what is whole
+    dropped = True
+  if not dropped:
+    return
+  tmp = os.path.join(os.path.dirname(path), '.tljax-events.tmp')  # not a name TensorBoard reads
+  with tf.io.TFRecordWriter(tmp) as writer:
+    for record in kept:
+      writer.write(record)
   os.replace(tmp, path)
 
 

@@ -15,12 +15,18 @@ SCHEDULES = ('constant', 'cosine', 'linear', 'step')
 OPTIMIZERS = ('sgd', 'adamw', 'adam')
 
 
+def schedule_steps(config: Mapping[str, Any], total_steps: int) -> int:
+  """The steps the schedule spans, warmup included: optim.schedule.steps, else the run's."""
+  return int(config.get('steps') or total_steps)
+
+
 def make_schedule(config: Mapping[str, Any], base_lr: float, total_steps: int
                   ) -> optax.Schedule:
-  """Warmup (linear from 0) followed by constant, cosine, linear or step decay."""
+  """Warmup (linear from 0) followed by constant, cosine, linear or step decay over
+  `schedule_steps(config, total_steps)` steps; past them the learning rate stays at its end."""
   name = config.get('name', 'cosine')
   warmup = int(config.get('warmup_steps', 0))
-  decay_steps = max(1, total_steps - warmup)
+  decay_steps = max(1, schedule_steps(config, total_steps) - warmup)
   if name == 'constant':
     decay = optax.constant_schedule(base_lr)
   elif name == 'cosine':

@@ -268,6 +268,29 @@ def evaluate(eval_step, state, eval_data: pipeline.EvalBatches, step: int = 0,
                                **per_class, **grouped, examples=int(sums['count'])), details)
 
 
+def _check_schedule_kept(config: ml_collections.ConfigDict, workdir: str, total_steps: int,
+                         train_examples: int) -> None:
+  """A resumed run must follow the schedule its checkpoints were trained on: raising
+  total_steps would re-stretch a decaying schedule (the learning rate at the resumed step would
+  jump). Refused, naming the key that keeps the schedule as it was."""
+  saved = workdir_lib.saved_config(workdir)
+  if not saved or config.optim.schedule.name == 'constant':
+    return
+  try:
+    earlier_total = config_lib.total_steps(ml_collections.ConfigDict(saved), train_examples)
+    earlier = optim.schedule_steps(saved['optim']['schedule'], earlier_total)
+  except (KeyError, TypeError, ValueError):  # a config.json of an older tljax: nothing to compare
+    return
+  now = optim.schedule_steps(config.optim.schedule, total_steps)
+  if now != earlier:
+    raise workdir_lib.WorkdirError(
+        f'{workdir} was trained on a {config.optim.schedule.name} schedule over {earlier} steps; '
+        f'this run would stretch it over {now}, so the learning rate would jump at the resumed '
+        f'step. To train on with the schedule as it was (held after step {earlier} at its final '
+        f'value, optim.schedule.end_factor times optim.lr), add '
+        f'--config.optim.schedule.steps={earlier}; or pass --fresh to start over')
+
+
 def _finished(results: dict[str, Any], workdir: str, step: int) -> dict[str, Any]:
   if jax.process_index() == 0:
     print(f'{workdir} already finished: its results.json holds step {step}; nothing to do (raise '
@@ -351,6 +374,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str, source: sources.Source
       raise workdir_lib.WorkdirError(
           f'workdir {workdir} holds a checkpoint of step {start_step}, past total_steps='
           f'{total_steps}; set total_steps to at least {start_step}, or use another workdir')
+    if start_step:
+      _check_schedule_kept(config, workdir, total_steps, train_examples)
     earlier = None if fresh else workdir_lib.read_results(workdir)
     if earlier is not None and start_step == total_steps == earlier['final_step']:
       return _finished(earlier, workdir, total_steps)
@@ -385,6 +410,10 @@ def _run(config: ml_collections.ConfigDict, workdir: str, source: sources.Source
     rows = freeze.summary_rows(params, groups, config.optim.lr)
     if is_main:
       print(freeze.format_table(rows), flush=True)
+      rule = freeze.preset_line(config.freeze.preset, get_entry(config.model.name).stages,
+                                config.model.name)
+      if rule:
+        print(rule, flush=True)
     step_check = numerics.StepCheck(numerics.leaf_paths(steps.split_trainable(params, mask)[0]))
 
     # Mixed precision: the step computes in compute_dtype from float32 parameters.

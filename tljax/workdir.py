@@ -33,9 +33,9 @@ LOG_FILE = 'train.log'  # library INFO logs of process 0 (tljax.console); train.
 LOCK_FILE = '.tljax-lock'  # exists while a run holds the workdir; names the holder
 # Keys a resumed run may change without invalidating its checkpoints.
 RESUMABLE_CHANGES = (
-    'total_steps', 'total_epochs', 'log_every', 'eval_every', 'checkpoint_every',
-    'keep_checkpoints', 'parallel', 'data.path', 'data.data_dir', 'data.cache_decoded',
-    'data.eval_batch_size', 'data.skip_corrupt_images',
+    'total_steps', 'total_epochs', 'optim.schedule.steps', 'log_every', 'eval_every',
+    'checkpoint_every', 'keep_checkpoints', 'parallel', 'data.path', 'data.data_dir',
+    'data.cache_decoded',    'data.eval_batch_size', 'data.skip_corrupt_images',
     # Layout only: checkpoints are resharded on restore.
     'sharding.rule', 'sharding.min_size_mb', 'sharding.model_axis',
 )
