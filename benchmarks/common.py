@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from tljax import build, optim, resolve, steps
 from tljax import config as config_lib
-from tljax import freeze, optim, steps, train
 
 
 @dataclasses.dataclass
@@ -45,7 +45,7 @@ def make_config(model: str, preset: str, image_size: int, batch_size: int,
       optim=dict(name='sgd', lr=0.01, momentum=0.9, weight_decay=1e-4))))
   for key, value in (overrides or {}).items():
     config_lib.set_override(config, key, value)
-  return train.resolve_config(config)
+  return resolve.resolve_config(config)
 
 
 def random_batch(batch_size: int, image_size: int, num_classes: int = 10, seed: int = 0
@@ -58,12 +58,9 @@ def random_batch(batch_size: int, image_size: int, num_classes: int = 10, seed: 
 def build_step(config: ml_collections.ConfigDict, make_step: Callable = steps.make_train_step
                ) -> JaxSetup:
   """Model, state and the jitted (donating) train step of `config`, compiled and timed."""
-  model, params, batch_stats, groups, labels = train.create_train_state(config)
-  mask = freeze.trainable_mask(labels)
-  optimizer, schedule = optim.make_optimizer(config.optim, groups, labels, 1000)
-  state = steps.TrainState(jnp.asarray(0, jnp.int32), params, batch_stats,
-                           optimizer.init(params))
-  step = jax.jit(make_step(model, optimizer, mask, schedule, config.seed),
+  built = build.build(config, 1000)
+  params, mask, state = built.params, built.mask, built.state
+  step = jax.jit(make_step(built.model, built.optimizer, mask, built.schedule, config.seed),
                  donate_argnums=0)
   batch = jax.tree.map(jnp.asarray, random_batch(config.data.batch_size, config.data.image_size,
                                                  config.model.num_classes))

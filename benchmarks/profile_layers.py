@@ -25,13 +25,14 @@ import numpy as np
 import torch
 
 from benchmarks import common
-from tljax import train
+from tljax import build
 from tljax.models.layers import DepthwiseConv, PointwiseConv
 
 
 def record_layers(config) -> list[dict[str, Any]]:
   """Each conv / dense call of one training forward pass: kind and shapes."""
-  model, params, batch_stats, _, _ = train.create_train_state(config)
+  built = build.build(config)
+  model, params, batch_stats = built.model, built.params, built.batch_stats
   calls: list[dict[str, Any]] = []
 
   def interceptor(next_fun, args, kwargs, context):

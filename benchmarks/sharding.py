@@ -17,11 +17,10 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
-from tljax import freeze, optim, parallel, steps, train
+from tljax import build, parallel, steps
 from tljax.partition import Layout
 
 
@@ -73,12 +72,9 @@ def main() -> None:
   for name in args.models.split(','):
     config = common.make_config(name, 'full', args.size, args.batch,
                                 overrides={'optim.name': 'adamw'})
-    model, params, batch_stats, groups, labels = train.create_train_state(config)
-    optimizer, schedule = optim.make_optimizer(config.optim, groups, labels, 1000)
-    step = steps.make_train_step(model, optimizer, freeze.trainable_mask(labels), schedule, 0)
+    built = build.build(config, 1000)
+    step, state = built.train_step(), built.state
     host_batch = common.random_batch(args.batch, args.size, config.model.num_classes)
-    state = steps.TrainState(jnp.asarray(0, jnp.int32), params, batch_stats,
-                             optimizer.init(params))
     for layout_name, layout in layouts:
       rows.append(dict(model=name, layout=layout_name, min_size_mb=layout.min_size_mb,
                        **measure(layout, step, state, host_batch, args)))

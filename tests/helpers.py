@@ -64,12 +64,9 @@ def small_config(**overrides):
 def step_parts(config, total_steps=None):
   """What train.run builds before its loop from the resolved `config`: the model, optimizer,
   trainable mask, schedule (over `total_steps`, default the config's) and first TrainState."""
-  from tljax import freeze, optim, steps, train
-  model, params, batch_stats, groups, labels = train.create_train_state(config)
-  optimizer, schedule = optim.make_optimizer(config.optim, groups, labels,
-                                             total_steps or config.total_steps)
-  state = steps.TrainState(np.int32(0), params, batch_stats, optimizer.init(params))
-  return model, optimizer, freeze.trainable_mask(labels), schedule, state
+  from tljax import build
+  built = build.build(config, total_steps)
+  return built.model, built.optimizer, built.mask, built.schedule, built.state
 
 
 def finished_run(root, **overrides):
@@ -132,3 +129,10 @@ def as_nobody():
   finally:
     if as_root:
       os.seteuid(0)
+
+
+def read_metrics(workdir) -> list[dict]:
+  """Every line of a run's metrics.jsonl, parsed."""
+  import json
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f if line.strip()]

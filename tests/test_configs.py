@@ -8,7 +8,7 @@ import pytest
 import tensorflow_datasets as tfds
 from helpers import REPO
 
-from tljax import ablate, train
+from tljax import ablate, resolve, train
 from tljax.config import apply_overrides, load_config_file
 from tljax.sweep import command, expand, variant_config
 
@@ -28,7 +28,7 @@ def test_sweep_config_expands_to_valid_runs_in_a_usable_order(path, monkeypatch)
   seen = set()
   for variant in variants:
     in_process = variant_config(base, variant)
-    config = train.resolve_config(in_process)
+    config = resolve.resolve_config(in_process)
     # The printed command runs this variant alone: its flags, read as tljax.train reads them,
     # give the config the in-process runner uses.
     words = shlex.split(command(sweep, variant, '/sweep', base))
@@ -53,14 +53,14 @@ def test_yosinski_transfers_copy_n_layers_frozen_or_fine_tuned(monkeypatch):
   base = load_config_file(sweep.base)
   by_name = {v.name: v for v in expand(sweep, '/s')}
   assert len(by_name) == (2 + 4 * 6) * 3
-  anb = train.resolve_config(variant_config(base, by_name['AnB3-seed1']))
+  anb = resolve.resolve_config(variant_config(base, by_name['AnB3-seed1']))
   assert anb.init.pretrained == '/s/baseA-seed1'
   assert anb.init.dont_load == ('(conv4|fc5|fc6|head)/.*',)
   assert tuple(anb.optim.groups[0]) == ('(conv1|conv2|conv3)/.*', None)
-  plus = train.resolve_config(variant_config(base, by_name['BnBplus3-seed1']))
+  plus = resolve.resolve_config(variant_config(base, by_name['BnBplus3-seed1']))
   assert plus.init.pretrained == '/s/baseB-seed1'
   assert all(g[1] is not None for g in plus.optim.groups)
-  base_a = train.resolve_config(variant_config(base, by_name['baseA-seed0']))
+  base_a = resolve.resolve_config(variant_config(base, by_name['baseA-seed0']))
   assert set(base_a.data.classes).isdisjoint(base.data.classes)
 
 

@@ -224,7 +224,7 @@ def broken_references(page: str) -> list[str]:
 
 
 def test_reference_check_finds_what_is_missing():
-  page = ('`tljax/train.py`, `tljax.train.resolve_config`, `tljax.models.ModelEntry.stages`,\n'
+  page = ('`tljax/train.py`, `tljax.resolve.resolve_config`, `tljax.models.ModelEntry.stages`,\n'
           '`tljax/nowhere.py`, `tljax.train.no_such_function`, `tljax.nomodule.f`, and\n'
           '```\ntljax.freeze.not_there()\n```\n')
   assert broken_references(page) == ['tljax.freeze.not_there', 'tljax.nomodule.f',

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from helpers import REPO, array_source, small_config, step_parts
 
-from tljax import parallel, steps, train
+from tljax import parallel, resolve, steps, train
 from tljax.data import pipeline
 from tljax.data.sources import ArraySource
 from tljax.errors import UserError
@@ -62,7 +62,7 @@ def _train_cli(workdir, config_args, extra=(), env=None):
 
 def _train_state(config):
   """Model, placed-ready TrainState and the jitted step pieces, as train.run builds them."""
-  config = train.resolve_config(config)
+  config = resolve.resolve_config(config)
   model, optimizer, mask, schedule, state = step_parts(config)
   return config, state, steps.make_train_step(model, optimizer, mask, schedule, 0)
 

@@ -9,8 +9,8 @@ import optax
 import pytest
 from helpers import small_config, step_parts
 
+from tljax import build, features, freeze, resolve, steps, train
 from tljax import config as config_lib
-from tljax import features, freeze, steps, train
 from tljax.errors import UserError
 from tljax.weights.read import read_tljax_workdir
 
@@ -50,13 +50,13 @@ def test_cached_features_train_the_same_parameters_as_images(tmp_path, npz_path,
 def _probe_config(npz_path, preset='linear_probe'):
   config = small_config(**{'data.path': npz_path, 'freeze.preset': preset})
   config.optim.groups = [('.*', {})]
-  return train.resolve_config(config)
+  return resolve.resolve_config(config)
 
 
 def _initial(npz_path, preset):
   config = _probe_config(npz_path, preset)
-  _, params, batch_stats, _, _ = train.create_train_state(config)
-  return freeze.flat_paths({'params': params, 'batch_stats': batch_stats})
+  built = build.build(config)
+  return freeze.flat_paths({'params': built.params, 'batch_stats': built.batch_stats})
 
 
 def test_cached_step_compiles_without_the_frozen_prefix(npz_path):
@@ -172,7 +172,7 @@ def test_bfloat16_training_computes_in_bfloat16_and_stays_finite(tmp_path, npz_p
   assert all(v.dtype == np.float32 for k, v in after.items() if k.startswith('params/'))
   assert np.isfinite(results['eval']['loss']) and results['compute_dtype'] == 'bfloat16'
   # The convolutions of the compiled step really run in bfloat16.
-  model, optimizer, mask, schedule, state = step_parts(train.resolve_config(config), 10)
+  model, optimizer, mask, schedule, state = step_parts(resolve.resolve_config(config), 10)
   batch = dict(image=jnp.zeros((16, 16, 16, 3)), label=jnp.zeros(16, jnp.int32))
   step = steps.make_train_step(model.clone(dtype=jnp.bfloat16), optimizer, mask, schedule, 0,
                                compute_dtype=jnp.bfloat16)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from helpers import image_folder
 
+from tljax import resolve
 from tljax.data import preprocess, sources
 from tljax.data.tf_quiet import tf
 
@@ -49,12 +50,11 @@ def test_augmented_training_crops_from_the_evaluation_resize(mode, shape):
 
 
 def test_resize_mode_is_checked():
-  from tljax import train
   from tljax.config import ConfigError, base_config
   config = base_config()
   config.data.update(source='npz', resize_mode='stretch')
   with pytest.raises(ConfigError, match="data.resize_mode='stretch' must be 'crop'"):
-    train.resolve_config(config)
+    resolve.resolve_config(config)
 
 
 def _webp_folder(root):

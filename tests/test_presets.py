@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from helpers import make_arrays, small_config
 
-from tljax import freeze, steps, train
+from tljax import build, freeze, resolve, steps, train
 from tljax.data.sources import ArraySource
 from tljax.errors import UserError
 from tljax.freeze import FreezeError, flat_paths
@@ -27,8 +27,8 @@ def _preset_config(preset, **overrides):
 @pytest.mark.parametrize('preset,frozen', [('full', 0), ('scratch', 0), ('stages:1', 1),
                                            ('stages:2', 2), ('linear_probe', 3)])
 def test_presets_freeze_a_prefix_of_the_model_stages(preset, frozen):
-  config = train.resolve_config(_preset_config(preset))
-  _, params, _, _, labels = train.create_train_state(config)
+  config = resolve.resolve_config(_preset_config(preset))
+  labels = build.build(config).labels
   assert freeze.frozen_stage_count(labels, SMALL_STAGES) == frozen
   flat = flat_paths(labels)
   for path, label in flat.items():
@@ -37,18 +37,18 @@ def test_presets_freeze_a_prefix_of_the_model_stages(preset, frozen):
 
 
 def test_head_learning_rate_multiplier_applies_to_the_head_only():
-  config = train.resolve_config(_preset_config('stages:1', **{'freeze.head_lr_mult': 10.0}))
+  config = resolve.resolve_config(_preset_config('stages:1', **{'freeze.head_lr_mult': 10.0}))
   assert config.optim.groups[-2] == ('head/.*', {'lr_mult': 10.0})
-  probe = train.resolve_config(_preset_config('linear_probe', **{'freeze.head_lr_mult': 10.0}))
+  probe = resolve.resolve_config(_preset_config('linear_probe', **{'freeze.head_lr_mult': 10.0}))
   assert [g[1] for g in probe.optim.groups] == [None, {'lr_mult': 10.0}]
 
 
 def test_scratch_drops_the_pretrained_init():
   config = _preset_config('scratch')
   config.init.pretrained = '/runs/pretrained'
-  assert train.resolve_config(config).init.pretrained is None
+  assert resolve.resolve_config(config).init.pretrained is None
   config.freeze.preset = 'full'
-  assert train.resolve_config(config).init.pretrained == '/runs/pretrained'
+  assert resolve.resolve_config(config).init.pretrained == '/runs/pretrained'
 
 
 @pytest.mark.parametrize('preset,message', [
@@ -56,14 +56,14 @@ def test_scratch_drops_the_pretrained_init():
     ('stages:4', r"freeze.preset='stages:4' must freeze 0 to 3 stages")])
 def test_bad_presets_are_named(preset, message):
   with pytest.raises(FreezeError, match=message):
-    train.resolve_config(_preset_config(preset))
+    resolve.resolve_config(_preset_config(preset))
 
 
 def test_preset_and_explicit_groups_together_are_refused():
   config = small_config()  # sets optim.groups
   config.freeze.preset = 'full'
   with pytest.raises(UserError, match='freeze.preset.*optim.groups'):
-    train.resolve_config(config)
+    resolve.resolve_config(config)
 
 
 def test_load_stages_copies_only_the_first_stages(tmp_path):
@@ -76,8 +76,8 @@ def test_load_stages_copies_only_the_first_stages(tmp_path):
   def initial(**init):
     config = small_config(seed=7)
     config.init.update(init)
-    _, params, batch_stats, _, _ = train.create_train_state(train.resolve_config(config))
-    return flat_paths({'params': params, 'batch_stats': batch_stats})
+    built = build.build(resolve.resolve_config(config))
+    return flat_paths({'params': built.params, 'batch_stats': built.batch_stats})
 
   fresh = initial()
   loaded = initial(pretrained=str(tmp_path / 'pretrained'), load_stages=1)
@@ -108,7 +108,7 @@ def test_grouped_accuracy_counts_predictions_in_the_right_group():
                mask=jnp.array([1, 1, 1, 1, 0]))
   config = small_config(**{'model.num_classes': 4})
   config.eval_groupings = dict(binary=((0, 1), (2, 3)))
-  eval_step = steps.make_eval_step(_Echo(), groupings=train.grouping_tables(config))
+  eval_step = steps.make_eval_step(_Echo(), groupings=resolve.grouping_tables(config))
   sums = eval_step(types.SimpleNamespace(params={}, batch_stats={}), batch)
   # exact: only example 1; same group: 0 (0~1), 1, 2 (2~3); example 4 is padding
   assert float(sums['correct']) == 1 and float(sums['correct_binary']) == 3
@@ -122,12 +122,12 @@ def test_bad_groupings_are_named(groups, message):
   config = small_config(**{'model.num_classes': 4})
   config.eval_groupings = dict(binary=groups)
   with pytest.raises(UserError, match=f'eval_groupings.binary.*{message}'):
-    train.grouping_tables(config)
+    resolve.grouping_tables(config)
 
 
 def test_resolving_twice_changes_nothing():
   config = _preset_config('stages:2', **{'freeze.head_lr_mult': 5.0})
   config.init.update(pretrained='/runs/a', load_stages=2)
-  once = train.resolve_config(config)
-  assert train.resolve_config(once).to_json_best_effort() == once.to_json_best_effort()
+  once = resolve.resolve_config(config)
+  assert resolve.resolve_config(once).to_json_best_effort() == once.to_json_best_effort()
   assert once.init.dont_load == ('(stage2|head)/.*',)

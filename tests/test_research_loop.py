@@ -12,10 +12,10 @@ from concurrent.futures import ThreadPoolExecutor
 import jax
 import numpy as np
 import pytest
-from helpers import REPO, image_folder, small_config, snapshot, write_npz
+from helpers import REPO, image_folder, read_metrics, small_config, snapshot, write_npz
 
 import tljax
-from tljax import checkpoint, metrics, preemption, train
+from tljax import checkpoint, preemption, resolve, train
 from tljax.data import pipeline, sources
 from tljax.errors import Preempted
 
@@ -65,7 +65,7 @@ def _diverging_config(data, **overrides):
 def _expected_best(workdir, metric='accuracy'):
   """The step orbax must keep, from the logged validation metrics: the highest, the later step
   on a tie."""
-  rows = [r for r in metrics.read_metrics(workdir) if r['split'] == 'val']
+  rows = [r for r in read_metrics(workdir) if r['split'] == 'val']
   return max(rows, key=lambda r: (r[metric], r['step']))['step']
 
 
@@ -87,7 +87,7 @@ def test_selection_keeps_the_early_peak_and_reports_its_test_metrics(diverged):
   assert results['eval'] == results['best']['test']  # tables read the selected checkpoint
   assert results['validation']['examples'] == 15 and results['train_examples'] == 45
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == sorted([str(best), '16'])
-  logged = {(r['split'], r['step']) for r in metrics.read_metrics(workdir)}
+  logged = {(r['split'], r['step']) for r in read_metrics(workdir)}
   assert ('test', 16) in logged and ('eval', 16) not in logged  # test only at the end
   # The selected checkpoint, loaded back, is what the run reported on.
   model, variables, record = tljax.load(workdir, 'best')
@@ -332,9 +332,9 @@ def test_a_selected_checkpoint_damaged_later_leaves_the_run_reporting_the_last(d
 
 def test_loss_selects_the_lowest_unless_told_and_whole_steps_only(diverged, tmp_path):
   root, data, _ = diverged
-  config = train.resolve_config(_diverging_config(data, **{'select.metric': 'loss'}))
+  config = resolve.resolve_config(_diverging_config(data, **{'select.metric': 'loss'}))
   assert config.select.mode == 'min'
-  assert train.resolve_config(_diverging_config(data)).select.mode == 'max'
+  assert resolve.resolve_config(_diverging_config(data)).select.mode == 'max'
   from tljax.errors import UserError
   with pytest.raises(UserError, match="step 3.7 must be 'best', 'last' or a step number"):
     tljax.load(str(root / 'run'), 3.7)

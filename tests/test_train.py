@@ -11,7 +11,8 @@ import tensorflow_datasets as tfds
 from helpers import small_config
 from PIL import Image
 
-from tljax import train
+from tljax import build, train
+from tljax.config import base_config
 from tljax.data import sources
 from tljax.freeze import flat_paths
 from tljax.weights.read import read_tljax_workdir, restore_latest
@@ -19,8 +20,8 @@ from tljax.weights.read import read_tljax_workdir, restore_latest
 
 def _initial_variables(config):
   from tljax.config import resolve
-  _, params, batch_stats, _, _ = train.create_train_state(resolve(config))
-  return flat_paths({'params': params, 'batch_stats': batch_stats})
+  built = build.build(resolve(config))
+  return flat_paths({'params': built.params, 'batch_stats': built.batch_stats})
 
 
 def test_tfds_mock_20_steps_frozen_leaves_bitwise_unchanged(tmp_path):
@@ -93,7 +94,7 @@ def test_image_folder_run_writes_the_workdir_contract(tmp_path):
   # The counts add up to the model's parameters, counted here from a fresh params pytree; the
   # frozen ones are the stem's (small_config freezes 'stem/.*').
   from tljax.config import resolve
-  _, params, _, _, _ = train.create_train_state(resolve(config))
+  params = build.build(resolve(config)).params
   assert saved['trainable_params'] + saved['frozen_params'] == sum(
       int(np.size(leaf)) for leaf in jax.tree.leaves(params))
   assert saved['frozen_params'] == sum(int(np.size(leaf))
@@ -141,7 +142,9 @@ def test_frozen_leaves_keep_negative_zero_bitwise():
 def test_schedules_warm_up_then_decay(schedule):
   from tljax.optim import make_schedule
   base = 0.3
-  fn = make_schedule(dict(name=schedule, warmup_steps=10), base, 110)
+  section = base_config().optim.schedule
+  section.update(name=schedule, warmup_steps=10)
+  fn = make_schedule(section, base, 110)
   assert float(fn(0)) == 0.0 and float(fn(5)) == pytest.approx(base / 2)  # linear warmup
   after_warmup = [float(fn(step)) for step in (10, 11, 40, 80, 109)]
   assert after_warmup[0] == pytest.approx(base)

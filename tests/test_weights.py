@@ -5,7 +5,7 @@ import pytest
 from helpers import small_config, write_npz
 
 import tljax
-from tljax import train
+from tljax import build, resolve, train
 from tljax.errors import UserError
 from tljax.freeze import flat_paths
 from tljax.models import mobilenet_v2
@@ -99,8 +99,8 @@ def test_workdir_round_trip_into_a_task_with_other_classes(tmp_path, npz_path):
   target = small_config(**{'data.path': five, 'model.num_classes': 5})
   target.init.update(pretrained=str(tmp_path / 'source'), dont_load=['head/.*'])
   from tljax.config import resolve
-  _, params, batch_stats, _, _ = train.create_train_state(resolve(target))
-  loaded = {**flat_paths({'params': params}), **flat_paths({'batch_stats': batch_stats})}
+  built = build.build(resolve(target))
+  loaded = flat_paths({'params': built.params, 'batch_stats': built.batch_stats})
   assert loaded['params/head/kernel'].shape[-1] == 5
   assert not np.any(loaded['params/head/kernel'])  # a fresh zero head
   for path, value in trained.items():
@@ -121,15 +121,15 @@ def test_unknown_layout_names_the_choices(tmp_path):
 
 
 def test_a_zoo_source_brings_its_normalisation_and_checks_the_model_name():
-  from tljax.config import base_config, resolve
+  from tljax.config import base_config
   config = base_config()
   config.model = dict(name='efficientnet_lite0', num_classes=4)
   config.init.pretrained = 'efficientnet_lite0/imagenet'
-  resolved = train._with_zoo_defaults(resolve(config))
+  resolved = resolve.resolve_config(config)
   assert tuple(resolved.data.mean) == zoo.TF_MEAN and tuple(resolved.data.std) == zoo.TF_STD
   config.model.name = 'mobilenet_v2'
   with pytest.raises(UserError, match="holds 'efficientnet_lite0' weights but model.name is"):
-    train._with_zoo_defaults(resolve(config))
+    resolve.resolve_config(config)
 
 
 def test_downloads_are_cached_by_the_whole_url_and_a_failed_one_is_one_error(tmp_path,

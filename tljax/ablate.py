@@ -17,7 +17,7 @@ from typing import Any
 
 import ml_collections
 
-from tljax import cli, preemption, report
+from tljax import cli, preemption, report, resolve
 from tljax import config as config_lib
 from tljax import workdir as workdir_lib
 from tljax.errors import PREEMPTED_EXIT_CODE, Preempted, UserError, exit_status
@@ -41,7 +41,7 @@ def run_sweep(sweep: Sweep, sweep_dir: str) -> list[dict[str, Any]]:
   configs = []
   for variant in variants:
     try:
-      configs.append(train.resolve_config(variant_config(base, variant)))
+      configs.append(resolve.resolve_config(variant_config(base, variant)))
     except UserError as e:
       message = str(e)
       raise UserError(message if message.startswith('sweep variant') else

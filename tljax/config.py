@@ -132,7 +132,7 @@ def base_config() -> ml_collections.ConfigDict:
       groups=[('.*', {})],
       grad_accum_steps=1,  # split each batch into this many sequential microbatches
   )
-  # Named freeze depth instead of optim.groups; tljax.train.resolve_config writes it out as
+  # Named freeze depth instead of optim.groups; tljax.resolve.resolve_config writes it out as
   # optim.groups.
   c.freeze = dict(
       # 'full', 'linear_probe', 'scratch' (full, no pretrained init) or 'stages:K' (first K of

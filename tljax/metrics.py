@@ -93,8 +93,3 @@ def _drop_events_after(path: str, step: int) -> None:
     for record in kept:
       writer.write(record)
   os.replace(tmp, path)
-
-
-def read_metrics(workdir: str) -> list[dict]:
-  with open(os.path.join(workdir, METRICS_FILE)) as f:
-    return [json.loads(line) for line in f if line.strip()]

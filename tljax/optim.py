@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import functools
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -11,37 +12,36 @@ import optax
 from tljax.errors import UserError
 from tljax.freeze import FROZEN, Group
 
-SCHEDULES = ('constant', 'cosine', 'linear', 'step')
-OPTIMIZERS = ('sgd', 'adamw', 'adam')
-
 
 def schedule_steps(config: Mapping[str, Any], total_steps: int) -> int:
-  """The steps the schedule spans, warmup included: optim.schedule.steps, else the run's."""
+  """The steps the schedule spans, warmup included: optim.schedule.steps, else the run's (a
+  config.json of an older tljax has no such key)."""
   return int(config.get('steps') or total_steps)
+
+
+# Schedules by name: (optim.schedule section, base lr, decay steps) -> optax schedule.
+ScheduleFactory = Callable[[Mapping[str, Any], float, int], optax.Schedule]
+SCHEDULES: dict[str, ScheduleFactory] = {
+    'constant': lambda config, lr, steps: optax.constant_schedule(lr),
+    'cosine': lambda config, lr, steps: optax.cosine_decay_schedule(
+        lr, steps, alpha=float(config['end_factor'])),
+    'linear': lambda config, lr, steps: optax.linear_schedule(
+        lr, lr * float(config['end_factor']), steps),
+    # boundaries are fractions of the steps after warmup; each multiplies the lr by the factor
+    'step': lambda config, lr, steps: optax.piecewise_constant_schedule(
+        lr, {int(b * steps): float(config['decay_factor']) for b in config['boundaries']}),
+}
 
 
 def make_schedule(config: Mapping[str, Any], base_lr: float, total_steps: int
                   ) -> optax.Schedule:
-  """Warmup (linear from 0) followed by constant, cosine, linear or step decay over
-  `schedule_steps(config, total_steps)` steps; past them the learning rate stays at its end."""
-  name = config.get('name', 'cosine')
-  warmup = int(config.get('warmup_steps', 0))
-  decay_steps = max(1, schedule_steps(config, total_steps) - warmup)
-  if name == 'constant':
-    decay = optax.constant_schedule(base_lr)
-  elif name == 'cosine':
-    decay = optax.cosine_decay_schedule(base_lr, decay_steps,
-                                        alpha=float(config.get('end_factor', 0.0)))
-  elif name == 'linear':
-    decay = optax.linear_schedule(base_lr, base_lr * float(config.get('end_factor', 0.0)),
-                                  decay_steps)
-  elif name == 'step':
-    # boundaries are fractions of the steps after warmup; each multiplies the lr by the factor
-    factor = float(config.get('decay_factor', 0.1))
-    decay = optax.piecewise_constant_schedule(
-        base_lr, {int(b * decay_steps): factor for b in config.get('boundaries', (0.5, 0.75))})
-  else:
-    raise UserError(f'optim.schedule.name must be one of {SCHEDULES}, got {name!r}')
+  """Warmup (linear from 0) followed by a decay of SCHEDULES over `schedule_steps(config,
+  total_steps)` steps; past them the learning rate stays at its end. `config` is a resolved
+  optim.schedule section (every key set)."""
+  name, warmup = config['name'], int(config['warmup_steps'])
+  if name not in SCHEDULES:
+    raise UserError(f'optim.schedule.name must be one of {tuple(SCHEDULES)}, got {name!r}')
+  decay = SCHEDULES[name](config, base_lr, max(1, schedule_steps(config, total_steps) - warmup))
   if not warmup:
     return decay
   return optax.join_schedules([optax.linear_schedule(0.0, base_lr, warmup), decay], [warmup])
@@ -56,23 +56,36 @@ def _decay_mask(params: Any) -> Any:
   return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
+def _sgd(config: Mapping[str, Any], learning_rate: optax.Schedule, weight_decay: float
+         ) -> optax.GradientTransformation:
+  parts = [optax.add_decayed_weights(weight_decay, mask=_decay_mask)] if weight_decay else []
+  parts.append(optax.sgd(learning_rate, momentum=config['momentum'] or None,
+                         nesterov=bool(config['nesterov'])))
+  return optax.chain(*parts)
+
+
+def _adam(config: Mapping[str, Any], learning_rate: optax.Schedule, weight_decay: float,
+          decoupled: bool) -> optax.GradientTransformation:
+  return optax.adamw(learning_rate, b1=float(config['b1']), b2=float(config['b2']),
+                     eps=float(config['eps']), weight_decay=weight_decay if decoupled else 0.0,
+                     mask=_decay_mask)
+
+
+# Optimizers by name: (optim section, group lr schedule, group weight decay) -> transformation.
+OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
+    'sgd': _sgd,
+    'adamw': functools.partial(_adam, decoupled=True),
+    'adam': functools.partial(_adam, decoupled=False),  # weight_decay does not apply
+}
+
+
 def _group_transform(config: Mapping[str, Any], schedule: optax.Schedule, group: Group
                      ) -> optax.GradientTransformation:
   name = config['name']
-  learning_rate = _scaled(schedule, group.lr_mult)
-  weight_decay = float(config.get('weight_decay', 0.0)) * group.wd_mult
-  if name == 'sgd':
-    parts = []
-    if weight_decay:
-      parts.append(optax.add_decayed_weights(weight_decay, mask=_decay_mask))
-    parts.append(optax.sgd(learning_rate, momentum=config.get('momentum') or None,
-                           nesterov=bool(config.get('nesterov', False))))
-    return optax.chain(*parts)
-  if name in ('adamw', 'adam'):
-    return optax.adamw(learning_rate, b1=float(config.get('b1', 0.9)),
-                       b2=float(config.get('b2', 0.999)), eps=float(config.get('eps', 1e-8)),
-                       weight_decay=weight_decay if name == 'adamw' else 0.0, mask=_decay_mask)
-  raise UserError(f'optim.name must be one of {OPTIMIZERS}, got {name!r}')
+  if name not in OPTIMIZERS:
+    raise UserError(f'optim.name must be one of {tuple(OPTIMIZERS)}, got {name!r}')
+  weight_decay = float(config['weight_decay']) * group.wd_mult
+  return OPTIMIZERS[name](config, _scaled(schedule, group.lr_mult), weight_decay)
 
 
 def make_optimizer(config: Mapping[str, Any], groups: Sequence[Group], labels: Any,
@@ -82,14 +95,14 @@ def make_optimizer(config: Mapping[str, Any], groups: Sequence[Group], labels: A
   Gradient clipping comes first, over the global norm of the gradients it is given: the train
   step passes zeros for frozen leaves, so the norm is that of the trainable leaves only.
   """
-  schedule = make_schedule(config.get('schedule', {}), float(config['lr']), total_steps)
+  schedule = make_schedule(config['schedule'], float(config['lr']), total_steps)
   used = set(jax.tree.leaves(labels))
   transforms: dict[str, optax.GradientTransformation] = {FROZEN: optax.set_to_zero()}
   for group in groups:
     if not group.frozen and group.label in used:
       transforms[group.label] = _group_transform(config, schedule, group)
   optimizer = optax.multi_transform(transforms, labels)
-  clip_norm = config.get('clip_norm')
+  clip_norm = config['clip_norm']
   if clip_norm:
     optimizer = optax.chain(optax.clip_by_global_norm(float(clip_norm)), optimizer)
   return optimizer, schedule

@@ -287,9 +287,14 @@ class PmapRunner:
     return {k: float(v[0]) for k, v in jax.device_get(metrics).items()}
 
 
+# Runners by the name config.parallel gives: (layout) -> runner.
+RUNNERS: dict[str, Callable[[Layout | None], JitRunner | PmapRunner]] = {
+    'jit': JitRunner,
+    'pmap': lambda layout: PmapRunner(),
+}
+
+
 def make_runner(kind: str, layout: Layout | None = None) -> JitRunner | PmapRunner:
-  if kind == 'jit':
-    return JitRunner(layout)
-  if kind == 'pmap':
-    return PmapRunner()
-  raise UserError(f"config.parallel must be 'jit' or 'pmap', got {kind!r}")
+  if kind not in RUNNERS:
+    raise UserError(f'config.parallel must be one of {tuple(RUNNERS)}, got {kind!r}')
+  return RUNNERS[kind](layout)

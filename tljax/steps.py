@@ -23,10 +23,6 @@ class TrainState:
   batch_stats: Any
   opt_state: Any
 
-  def to_dict(self) -> dict[str, Any]:
-    return dict(step=self.step, params=self.params, batch_stats=self.batch_stats,
-                opt_state=self.opt_state)
-
 
 def split_trainable(tree: Any, mask: Any) -> tuple[Any, Any]:
   """(trainable, frozen) copies of `tree`, with None where a leaf belongs to the other part."""

@@ -15,7 +15,6 @@ if __name__ == '__main__':  # from here on, SIGTERM and Ctrl-C are recorded, not
   _preemption.install_early()
 
 import dataclasses
-import functools
 import os
 import statistics
 import sys
@@ -29,6 +28,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from tljax import (
+  build,
   checkpoint,
   class_metrics,
   console,
@@ -41,6 +41,7 @@ from tljax import (
   partition,
   preemption,
   report,
+  resolve,
   saved_model,
   steps,
 )
@@ -48,142 +49,7 @@ from tljax import config as config_lib
 from tljax import workdir as workdir_lib
 from tljax.data import pipeline, sources
 from tljax.errors import PREEMPTED_EXIT_CODE, Preempted, UserError, exit_status
-from tljax.models import build_model, get_entry, init_variables
-from tljax.models.layers import NormSpec
-from tljax.weights import load as weights_load
-from tljax.weights import zoo
-
-
-def _with_zoo_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """A zoo source brings its model arguments and input normalisation unless the config sets
-  them; so does a tljax workdir its normalisation (a linear probe, then full fine-tuning of its
-  result, sees the same inputs)."""
-  pretrained = config.init.pretrained
-  if (pretrained and pretrained not in zoo.ZOO and os.path.isdir(pretrained)
-      and config.data.mean is None and config.data.std is None):
-    record = saved_model.read_record(pretrained)
-    config = config.copy_and_resolve_references()
-    with config.unlocked():
-      config.data.mean = tuple(record['preprocessing']['mean'])
-      config.data.std = tuple(record['preprocessing']['std'])
-    return config
-  if pretrained not in zoo.ZOO:
-    return config
-  entry = zoo.get(config.init.pretrained)
-  if entry.model != config.model.name:
-    raise UserError(f'init.pretrained={config.init.pretrained!r} holds {entry.model!r} weights '
-                    f'but model.name is {config.model.name!r}')
-  config = config.copy_and_resolve_references()
-  with config.unlocked():
-    for key, value in entry.model_kwargs:
-      if key not in config.model:
-        config.model[key] = value
-    if config.data.mean is None and config.data.std is None:
-      config.data.mean, config.data.std = entry.preprocessing.mean, entry.preprocessing.std
-  return config
-
-
-def _with_presets(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """`freeze.preset` and `init.load_stages` written out as optim.groups and init.dont_load.
-
-  Idempotent: a config that already went through it comes out the same.
-  """
-  preset, load_stages = config.freeze.preset, config.init.load_stages
-  if preset is None and load_stages is None:
-    return config
-  stages = get_entry(config.model.name).stages
-  config = config.copy_and_resolve_references()
-  with config.unlocked():
-    if preset is not None:
-      groups = freeze.preset_groups(preset, stages, config.freeze.head_lr_mult)
-      if repr(list(config.optim.groups)) not in (
-          repr(list(config_lib.base_config().optim.groups)), repr(groups)):
-        raise UserError(f'freeze.preset={preset!r} and optim.groups are both set; '
-                        'use one of them')
-      config.optim.groups = groups
-      if preset == 'scratch':
-        config.init.pretrained = None
-    if load_stages is not None:
-      if not 0 <= load_stages < len(stages):
-        raise UserError(f'init.load_stages must be in [0, {len(stages) - 1}] for stages '
-                        f'{list(stages)}, got {load_stages}')
-      not_loaded = freeze.stage_patterns(stages[load_stages:])
-      if not_loaded not in config.init.dont_load:
-        config.init.dont_load = (*config.init.dont_load, not_loaded)
-  return config
-
-
-def resolve_config(config: ml_collections.ConfigDict, source_given: bool = False
-                   ) -> ml_collections.ConfigDict:
-  """The config a run uses: defaults filled in, zoo defaults applied, presets written out, every
-  value checked (`source_given`: the data is a Source passed to `run`, not data.source)."""
-  config = _with_presets(_with_zoo_defaults(config_lib.resolve(config)))
-  if config.select.mode is None:  # lower is better for a loss, higher for the rest
-    config = config.copy_and_resolve_references()
-    with config.unlocked():
-      config.select.mode = 'min' if config.select.metric == 'loss' else 'max'
-  config_lib.check_values(config, source_given)
-  return config
-
-
-def grouping_tables(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
-  """`eval_groupings` as class -> group lookup tables; every class must be in one group."""
-  tables = {}
-  for name, groups in config.eval_groupings.items():
-    if not (isinstance(groups, (tuple, list)) and all(
-        isinstance(g, (tuple, list)) and all(isinstance(c, int) and not isinstance(c, bool)
-                                             for c in g) for g in groups)):
-      raise UserError(f'eval_groupings.{name} must be groups of class ids, e.g. ((0, 1), (2, 3)),'
-                      f' got {groups!r:.100}')
-    table = np.full(config.model.num_classes, -1, np.int32)
-    for group_index, classes in enumerate(groups):
-      for cls in classes:
-        if not 0 <= cls < len(table) or table[cls] != -1:
-          raise UserError(f'eval_groupings.{name}: class {cls} is out of range or listed twice')
-        table[cls] = group_index
-    if (table < 0).any():
-      raise UserError(f'eval_groupings.{name} leaves out classes '
-                      f'{np.flatnonzero(table < 0).tolist()}')
-    tables[name] = table
-  return tables
-
-
-def create_train_state(config: ml_collections.ConfigDict):
-  """Model, initial TrainState, labels and optimizer pieces, before any device placement."""
-  model_kwargs = {k: v for k, v in config.model.to_dict().items() if k != 'name'}
-  model = build_model(config.model.name, **model_kwargs)
-  init = functools.partial(init_variables, model, config.data.image_size, config.data.channels,
-                           config.seed)
-  if not config.init.pretrained:
-    variables = init()
-  else:
-    variables, report = weights_load.load_pretrained_lazily(
-        config.init.pretrained, config.model.name, model, init, config.init.dont_load,
-        config.init.layout)
-    if jax.process_index() == 0:
-      print(f'pretrained {config.init.pretrained}: loaded {len(report["loaded"])} arrays, kept '
-            f'{len(report["kept_fresh"])} fresh ({", ".join(report["kept_fresh"])})'
-            + (f', resized {report["resized"]}' if report['resized'] else ''), flush=True)
-  params, batch_stats = variables['params'], variables.get('batch_stats', {})
-  groups = freeze.parse_groups(config.optim.groups)
-  labels = freeze.label_tree(params, groups)
-  if isinstance(getattr(model, 'norm', None), NormSpec):  # BatchNorm models
-    norm = dataclasses.replace(
-        model.norm, frozen=freeze.frozen_norm_paths(labels, batch_stats),
-        axis_name=parallel.PMAP_AXIS if config.parallel == 'pmap' else None)
-    model = model.clone(norm=norm)
-  return model, params, batch_stats, groups, labels
-
-
-def _grad_accum_steps(config: ml_collections.ConfigDict, data_devices: int) -> int:
-  """optim.grad_accum_steps, checked against the batch each device of the 'data' axis sees."""
-  count = int(config.optim.grad_accum_steps)
-  per_device = config.data.batch_size // data_devices
-  if count < 1 or per_device % count:
-    raise UserError(f'optim.grad_accum_steps={count} must be >= 1 and divide the per-device '
-                    f'batch of {per_device} (data.batch_size={config.data.batch_size} over '
-                    f'{data_devices} devices)')
-  return count
+from tljax.models import get_entry
 
 
 @dataclasses.dataclass
@@ -314,7 +180,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
 def _run(config: ml_collections.ConfigDict, workdir: str, source: sources.Source | None,
          fresh: bool, run_log: console.RunLog) -> dict[str, Any]:
   wall_start = time.time()
-  config = resolve_config(config, source_given=source is not None)
+  config = resolve.resolve_config(config, source_given=source is not None)
   process_index, process_count = jax.process_index(), jax.process_count()
   is_main = process_index == 0
 
@@ -323,7 +189,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, source: sources.Source
                                  config.parallel)
   parallel.check_batch_size(config.data.batch_size, layout)
   dtype = config_lib.compute_dtype(config)
-  grad_accum_steps = _grad_accum_steps(config, layout.data)
+  grad_accum_steps = resolve.grad_accum_steps(config, layout.data)
   source = sources.with_validation(source or sources.make_source(config.data), config.data)
   train_examples = pipeline.check_splits(source, config.data, config.model.num_classes)
   val_split = sources.validation_split(config.data)
@@ -343,18 +209,18 @@ def _run(config: ml_collections.ConfigDict, workdir: str, source: sources.Source
     print(f'warning: optim.schedule.warmup_steps={warmup} is not below the run\'s '
           f'{total_steps} steps, so the learning rate never reaches optim.lr', file=sys.stderr,
           flush=True)
-  model, params, batch_stats, groups, labels = create_train_state(config)
-  groupings = grouping_tables(config)
+  built = build.build(config, total_steps)
+  if is_main and build.load_line(built):
+    print(build.load_line(built), flush=True)
+  model, state, labels, mask = built.model, built.state, built.labels, built.mask
+  params, batch_stats, groups = built.params, built.batch_stats, built.groups
+  groupings = resolve.grouping_tables(config)
   if config.data.cache_features:  # checked now; the features are computed after the writes
     probe = np.random.default_rng(0).normal(
         size=(2, config.data.image_size, config.data.image_size, config.data.channels))
     features.check_deterministic(model, dict(params=params, batch_stats=batch_stats),
                                  jnp.asarray(probe, jnp.float32), _feature_cut(config, labels))
   config_json = config.to_json_best_effort(indent=2)
-  mask = freeze.trainable_mask(labels)
-  optimizer, schedule = optim.make_optimizer(config.optim, groups, labels, total_steps)
-  state = steps.TrainState(jnp.asarray(0, jnp.int32), params, batch_stats,
-                           optimizer.init(params))
   runner = parallel.make_runner(config.parallel, layout)
 
   # The workdir: one run at a time; its files and checkpoints checked and the newest complete
@@ -436,9 +302,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str, source: sources.Source
     if is_main and (layout.rule != 'replicate' or layout.model > 1):
       print(_layout_line(sharding), flush=True)
     axis_name = parallel.PMAP_AXIS if runner.name == 'pmap' else None
-    train_step = runner.compile_train(steps.make_train_step(
-        train_model, optimizer, mask, schedule, config.seed, config.optim.label_smoothing,
-        axis_name=axis_name, compute_dtype=dtype,
+    train_step = runner.compile_train(built.train_step(
+        train_model, axis_name=axis_name, compute_dtype=dtype,
         grad_accum_steps=grad_accum_steps), state)
     eval_step = runner.compile_eval(steps.make_eval_step(
         model, axis_name=axis_name, groupings=groupings, compute_dtype=dtype),

@@ -15,7 +15,7 @@ import struct
 import sys
 import types
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -493,24 +493,26 @@ class ElpvSource(Source):
     return image_files.decode(tf.io.read_file(image), channels)
 
 
+# Sources by the name data.source gives: (resolved data section) -> Source.
+SOURCES: dict[str, Callable[[Mapping[str, Any]], Source]] = {
+    'tfds': lambda data: TfdsSource(data['name'], data['data_dir'], data['image_key'],
+                                    data['label_key']),
+    'folder': lambda data: FolderSource(data['path'], bool(data['skip_corrupt_images']),
+                                        int(data['max_image_pixels'])),
+    'npz': lambda data: ArraySource.from_npz(data['path']),
+    'idx': lambda data: idx_source(data['path']),
+    'elpv': lambda data: ElpvSource(data['path'] or None, bool(data['skip_corrupt_images']),
+                                    int(data['max_image_pixels'])),
+}
+
+
 def make_source(config: Mapping[str, Any]) -> Source:
-  """The source named by `config.data.source`: 'tfds', 'folder', 'npz', 'idx' or 'elpv'."""
+  """The source named by `config.data.source` (a key of SOURCES), with its class subset and
+  held-out validation fraction."""
   kind = config['source']
-  if kind == 'tfds':
-    source = TfdsSource(config['name'], config.get('data_dir'),
-                        config.get('image_key', 'image'), config.get('label_key', 'label'))
-  elif kind == 'folder':
-    source = FolderSource(config['path'], bool(config.get('skip_corrupt_images')),
-                          int(config.get('max_image_pixels', DEFAULT_MAX_PIXELS)))
-  elif kind == 'npz':
-    source = ArraySource.from_npz(config['path'])
-  elif kind == 'idx':
-    source = idx_source(config['path'])
-  elif kind == 'elpv':
-    source = ElpvSource(config.get('path') or None, bool(config.get('skip_corrupt_images')),
-                        int(config.get('max_image_pixels', DEFAULT_MAX_PIXELS)))
-  else:
-    raise DataError(f"data.source must be 'tfds', 'folder', 'npz', 'idx' or 'elpv', got {kind!r}")
+  if kind not in SOURCES:
+    raise DataError(f'data.source must be one of {", ".join(map(repr, SOURCES))}, got {kind!r}')
+  source = SOURCES[kind](config)
   if config.get('classes'):
     source = ClassSubset(source, config['classes'])
   return with_validation(source, config)
