@@ -125,11 +125,11 @@ def test_a_zoo_source_brings_its_normalisation_and_checks_the_model_name():
   config = base_config()
   config.model = dict(name='efficientnet_lite0', num_classes=4)
   config.init.pretrained = 'efficientnet_lite0/imagenet'
-  resolved = resolve.resolve_config(config)
+  resolved = resolve.resolve_config(config, source_given=True)
   assert tuple(resolved.data.mean) == zoo.TF_MEAN and tuple(resolved.data.std) == zoo.TF_STD
   config.model.name = 'mobilenet_v2'
   with pytest.raises(UserError, match="holds 'efficientnet_lite0' weights but model.name is"):
-    resolve.resolve_config(config)
+    resolve.resolve_config(config, source_given=True)
 
 
 def test_downloads_are_cached_by_the_whole_url_and_a_failed_one_is_one_error(tmp_path,
