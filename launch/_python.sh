@@ -15,3 +15,12 @@ pick_python() {
     command -v python3 || echo python3
   fi
 }
+
+# require_python PYTHON: one error line and exit 2 unless PYTHON runs and imports jax and tljax.
+require_python() {
+  if ! "$1" -c 'import jax, tljax' >/dev/null 2>&1; then
+    echo "error: the interpreter '$1' cannot run tljax (it does not exist, or lacks jax or tljax);" \
+      "set PYTHON to one that can, activate the environment tljax is installed in, or run make install" >&2
+    exit 2
+  fi
+}

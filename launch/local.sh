@@ -13,4 +13,5 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source-path=SCRIPTDIR source=_python.sh
 source "$here/launch/_python.sh"
 python=$(pick_python "$here")
+require_python "$python"
 exec "$python" -m tljax.train --config="$config" --workdir="$workdir" "$@"

@@ -20,6 +20,7 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source-path=SCRIPTDIR source=_python.sh
 source "$here/launch/_python.sh"
 python=$(pick_python "$here")
+require_python "$python"
 port=${PORT:-$((20000 + RANDOM % 20000))}
 for pair in "N:$num" "DEVICES_PER_PROCESS:$devices" "PORT:$port"; do
   value=${pair#*:}
@@ -61,6 +62,9 @@ done
 if [ "$status" != 0 ] && [ "$status" != 75 ]; then  # say why here, not only in the logs
   for ((i = 0; i < num; i++)); do
     line=$(tail -n 200 "$workdir/process_$i.log" | grep -m1 '^error:' || true)
+    if [ -z "$line" ] && [ -s "$workdir/process_$i.log" ]; then  # no error line: its last one
+      line="error: process $i exited with status $status: $(tail -n 1 "$workdir/process_$i.log")"
+    fi
     if [ -n "$line" ]; then
       echo "$line (process $i; all of it in $workdir/process_$i.log)" >&2
       break

@@ -30,13 +30,14 @@ def _train_command(tmp_path, workdir, steps=40):
           '--config.log_every=1', '--config.checkpoint_every=10']
 
 
-def _run_on_terminal(command, columns=120):
-  """Runs `command` with stdout and stderr on a pseudo-terminal of `columns`; returns (exit
-  status, everything it wrote)."""
+def _run_on_terminal(command, columns=120, stdout=None):
+  """Runs `command` with stderr (and stdout, unless given) on a pseudo-terminal of `columns`;
+  returns (exit status, everything it wrote there)."""
   master, slave = pty.openpty()
-  fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack('HHHH', 40, columns, 0, 0))
-  process = subprocess.Popen(command, cwd=REPO, stdin=subprocess.DEVNULL, stdout=slave,
-                             stderr=slave, close_fds=True)
+  fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack('HHHH', 40 if columns else 0, columns, 0, 0))
+  process = subprocess.Popen(command, cwd=REPO, stdin=subprocess.DEVNULL,
+                             stdout=slave if stdout is None else stdout, stderr=slave,
+                             close_fds=True)
   os.close(slave)
   output = b''
   while True:
@@ -178,3 +179,72 @@ def test_run_log_refuses_a_planted_link(tmp_path):
   with console.RunLog() as run_log, pytest.raises(OSError):
     run_log.open(str(tmp_path / 'train.log'))
   assert target.read_text() == 'keep'
+
+
+def test_run_lines_go_to_stdout_when_only_stderr_is_a_terminal(tmp_path):
+  """`python -m tljax.train ... > run.txt` keeps the evaluations in run.txt; the bar stays
+  on the terminal."""
+  with open(tmp_path / 'run.txt', 'w') as out:
+    status, terminal = _run_on_terminal(_train_command(tmp_path, tmp_path / 'run'), stdout=out)
+  assert status == 0, terminal
+  text = (tmp_path / 'run.txt').read_text()
+  assert 'step 40 eval loss=' in text and 'step 40 eval' not in terminal
+  assert '40/40 [' in terminal and '40/40 [' not in text
+
+
+def test_a_terminal_without_a_width_gets_plain_lines(tmp_path):
+  status, output = _run_on_terminal(_train_command(tmp_path, tmp_path / 'run'), columns=0)
+  assert status == 0, output
+  assert 'step 1/40  first step (compilation)' in output and 'step 40/40  ' in output
+
+
+@pytest.mark.parametrize('verbosity, shown', [('-1', False), ('0', True), (None, False)])
+def test_verbosity_decides_what_the_terminal_shows(tmp_path, verbosity, shown):
+  command = _train_command(tmp_path, tmp_path / 'run', steps=10)
+  if verbosity is not None:
+    command.append(f'--verbosity={verbosity}')
+  result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert bool(ORBAX_INFO.search(result.stderr)) == shown
+  assert ORBAX_INFO.search((tmp_path / 'run' / console.LOG_FILE).read_text())
+
+
+def test_a_reader_that_goes_away_does_not_stop_the_run(tmp_path):
+  """`... | head -1`: the run's lines are lost, the run is not."""
+  process = subprocess.Popen(_train_command(tmp_path, tmp_path / 'run', steps=10), cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  process.stdout.readline()
+  process.stdout.close()  # as head does after its line
+  _, stderr = process.communicate(timeout=300)
+  assert process.returncode == 0, stderr.decode()[-3000:]
+  assert b'Traceback' not in stderr
+  assert (tmp_path / 'run' / 'results.json').exists()
+
+
+API_RUN = """
+import logging, sys
+sys.path.insert(0, {tests!r})
+if sys.argv[1] == 'user_file':
+  logging.basicConfig(filename=sys.argv[2] + '/user.log', level=logging.WARNING)
+from helpers import array_source, small_config
+from tljax import train
+train.run(small_config(), sys.argv[2] + '/run', source=array_source())
+logging.getLogger('absl').warning('a warning after the run')
+"""
+
+
+@pytest.mark.parametrize('setup', ['none', 'user_file'])
+def test_the_python_api_keeps_library_info_off_the_terminal_and_out_of_the_users_log(
+    tmp_path, setup):
+  script = tmp_path / 'api.py'
+  script.write_text(API_RUN.format(tests=os.path.join(REPO, 'tests')))
+  result = subprocess.run([sys.executable, str(script), setup, str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert not ORBAX_INFO.search(result.stderr) and 'INFO' not in result.stderr
+  assert ORBAX_INFO.search((tmp_path / 'run' / console.LOG_FILE).read_text())
+  if setup == 'user_file':  # the user's own log: what it asked for, as before the run
+    user = (tmp_path / 'user.log').read_text()
+    assert 'INFO' not in user and 'a warning after the run' in user
+  else:
+    assert 'a warning after the run' in result.stderr

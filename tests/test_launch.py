@@ -285,3 +285,14 @@ def test_multiprocess_says_why_its_processes_failed_and_keeps_earlier_logs(tmp_p
   assert result.returncode == 2
   assert result.stderr.startswith('error: optim.lr=-1.0 must be a number >= 0 (process 0')
   assert (workdir / 'process_0.log').read_text().startswith('the earlier run\n')
+
+
+@pytest.mark.parametrize('script, args', [('local.sh', []), ('multiprocess.sh', ['1'])])
+@pytest.mark.parametrize('python', ['/nonexistent/python', '/bin/false'])
+def test_an_interpreter_that_cannot_run_tljax_is_one_line(tmp_path, script, args, python):
+  result = subprocess.run(['bash', os.path.join(LAUNCH, script), *args, 'c.py',
+                           str(tmp_path / 'run')], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, 'PYTHON': python})
+  assert result.returncode == 2
+  assert result.stderr.startswith(f"error: the interpreter '{python}' cannot run tljax")
+  assert len(result.stderr.splitlines()) == 1 and not (tmp_path / 'run').exists()

@@ -20,8 +20,12 @@ def create(name: str, num_classes: int | None = None, pretrained: str | bool | N
   from tljax.models import build_model, get_entry, init_variables
   from tljax.weights import load, zoo
 
+  if pretrained is not None and not isinstance(pretrained, (str, bool)):
+    raise TypeError(f'create(pretrained=...) takes a zoo name, a file or workdir path, True or '
+                    f'False, got {pretrained!r}')
   if pretrained is True:
     pretrained = zoo.default_for(name)
+  pretrained = pretrained or None  # False: no pretrained weights
   entry = zoo.ZOO.get(pretrained) if pretrained else None
   if entry is not None:
     model_kwargs = {**dict(entry.model_kwargs), **model_kwargs}

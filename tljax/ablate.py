@@ -10,6 +10,7 @@ A sweep file returns a `tljax.sweep.Sweep`; each variant is an ordinary training
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -17,7 +18,7 @@ from typing import Any
 
 import ml_collections
 
-from tljax import cli, preemption, report, resolve
+from tljax import cli, console, preemption, report, resolve
 from tljax import config as config_lib
 from tljax import workdir as workdir_lib
 from tljax.errors import PREEMPTED_EXIT_CODE, Preempted, UserError, exit_status
@@ -98,7 +99,15 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument('--workdir', required=True, help='one subdirectory per variant')
   parser.add_argument('--print-commands', action='store_true',
                       help='print one `python -m tljax.train` command per variant and exit')
+  parser.add_argument('--verbosity', type=int, default=None,
+                      help="as tljax.train's: 0 or more shows the libraries' INFO logs on the "
+                           'terminal too (they always go to each variant\'s train.log)')
   args = parser.parse_args(argv)
+  console.quiet_terminal(args.verbosity is not None)
+  if args.verbosity is not None:
+    logging.getLogger('absl').setLevel(logging.DEBUG if args.verbosity > 0 else
+                                       logging.INFO if args.verbosity == 0 else logging.WARNING)
+  console.tolerate_lost_output()
   try:
     sweep = load_sweep(args.config)
     if args.print_commands:

@@ -31,10 +31,18 @@ def log_file_name(process_index: int) -> str:
   return LOG_FILE if process_index == 0 else f'train.{process_index}.log'
 
 
+# The lowest level of library records the terminal shows; None: the absl logger's own level
+# (what --verbosity set). The CLI sets WARNING unless --verbosity is given.
+_terminal_level: int | None = None
+_active_bars: list = []  # tqdm bars being drawn: a line for the terminal goes above them
+
+
 def quiet_terminal(verbosity_given: bool) -> None:
   """The CLI's terminal shows WARNING and worse from libraries, unless `--verbosity` was given
-  (then absl's own choice stands)."""
+  (then its level stands, -1 as well as 0 or more)."""
+  global _terminal_level
   if not verbosity_given:
+    _terminal_level = logging.WARNING
     absl_logging.get_absl_handler().setLevel(logging.WARNING)
 
 
@@ -47,10 +55,45 @@ class _LogFile(logging.StreamHandler):
     del record
 
 
+class _ToTerminal(logging.Handler):
+  """Hands the absl records the terminal should show (its level and worse) to the root
+  logger's handlers, as propagation would, with any progress bar cleared around them."""
+
+  def __init__(self, level: int, skip: list[logging.Handler]):
+    super().__init__(level)
+    self.skip = skip
+
+  def emit(self, record: logging.LogRecord) -> None:
+    handlers = [h for h in logging.getLogger().handlers
+                if h not in self.skip and record.levelno >= h.level]
+    if not handlers:
+      return
+    if _active_bars:
+      from tqdm import tqdm
+      with tqdm.external_write_mode(file=sys.stderr):
+        for handler in handlers:
+          handler.handle(record)
+    else:
+      for handler in handlers:
+        handler.handle(record)
+
+
+class _OrbaxNoise(logging.Filter):
+  """Orbax warns on every checkpoint saved without metrics when a best-checkpoint rule is set;
+  tljax saves periodic ones that way on purpose. Kept in the log, at INFO."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno == logging.WARNING and 'did not provide metrics' in str(record.msg):
+      record.levelno, record.levelname = logging.INFO, 'INFO'
+    return True
+
+
 class RunLog:
   """Library log records of one run: held in memory while the run is checked (nothing may be
-  written then), appended to the workdir's log file once `open` is called. A context manager;
-  on exit the logging set-up is as it was."""
+  written then), appended to the workdir's log file once `open` is called. absl's records
+  (orbax, clu) are taken off the terminal: INFO goes to the file only, and the terminal sees
+  what it saw before (WARNING and worse by default). A context manager; on exit the logging
+  set-up is as it was."""
 
   def __init__(self) -> None:
     self.root = logging.getLogger()
@@ -59,17 +102,25 @@ class RunLog:
     self.held.setLevel(logging.INFO)
     self.file: logging.Handler | None = None
     self.terminal: logging.Handler | None = None
-    self.absl_level = self.absl.level
+    self.absl_level, self.absl_propagate = self.absl.level, self.absl.propagate
+    self.noise = _OrbaxNoise()
     self.path: str | None = None
+    self.ours: list[logging.Handler] = [self.held]
+    self.forward: _ToTerminal | None = None
 
   def __enter__(self) -> RunLog:
     if not self.root.handlers:  # Python API without logging set up: warnings stay visible
       self.terminal = logging.StreamHandler(sys.stderr)
       self.terminal.setLevel(logging.WARNING)
       self.root.addHandler(self.terminal)
-    if self.absl.getEffectiveLevel() > logging.INFO:  # orbax and clu log INFO through absl
-      self.absl.setLevel(logging.INFO)
-    self.root.addHandler(self.held)
+    shown = _terminal_level if _terminal_level is not None else self.absl.getEffectiveLevel()
+    self.forward = _ToTerminal(max(shown, logging.INFO), self.ours)
+    self.absl.setLevel(min(self.absl.getEffectiveLevel(), logging.INFO))
+    self.absl.propagate = False
+    self.absl.addFilter(self.noise)
+    for logger in (self.root, self.absl):
+      logger.addHandler(self.held)
+    self.absl.addHandler(self.forward)
     return self
 
   def open(self, path: str) -> None:
@@ -81,15 +132,21 @@ class RunLog:
     handler.setLevel(logging.INFO)
     self.held.setTarget(handler)
     self.held.flush()
-    self.root.removeHandler(self.held)
-    self.root.addHandler(handler)
+    for logger in (self.root, self.absl):
+      logger.removeHandler(self.held)
+      logger.addHandler(handler)
+    self.ours.append(handler)
     self.file, self.path = handler, path
     tf_quiet = sys.modules.get('tljax.data.tf_quiet')
     for text in getattr(tf_quiet, 'NATIVE_OUTPUT', ()):
       logging.getLogger('tensorflow').info('%s', text)
 
   def __exit__(self, *exc: object) -> None:
-    self.root.removeHandler(self.held)
+    for logger in (self.root, self.absl):
+      for handler in (self.held, self.file):
+        logger.removeHandler(handler)
+    self.absl.removeHandler(self.forward)
+    self.absl.removeFilter(self.noise)
     self.held.setTarget(None)
     self.held.close()
     for handler in (self.file, self.terminal):
@@ -97,6 +154,41 @@ class RunLog:
         self.root.removeHandler(handler)
         handler.close()
     self.absl.setLevel(self.absl_level)
+    self.absl.propagate = self.absl_propagate
+
+
+class TolerantStream:
+  """stdout or stderr that stops writing, without a traceback, once the reader is gone (a
+  closed pipe: `... | head`) or the device is full: losing the run's lines must not stop it."""
+
+  def __init__(self, stream: IO[str]):
+    self.stream, self.broken = stream, False
+
+  def write(self, text: str) -> int:
+    if not self.broken:
+      try:
+        return self.stream.write(text)
+      except OSError:
+        self.broken = True
+    return len(text)
+
+  def flush(self) -> None:
+    if not self.broken:
+      try:
+        self.stream.flush()
+      except OSError:
+        self.broken = True
+
+  def __getattr__(self, name: str):
+    return getattr(self.stream, name)
+
+
+def tolerate_lost_output() -> None:
+  """The CLI's stdout and stderr as TolerantStreams."""
+  for name in ('stdout', 'stderr'):
+    stream = getattr(sys, name)
+    if stream is not None and not isinstance(stream, TolerantStream):
+      setattr(sys, name, TolerantStream(stream))
 
 
 def duration(seconds: float | None) -> str:
@@ -118,7 +210,7 @@ class Progress:
     self.stream = stream or sys.stderr
     self.every_s = every_s
     self.enabled = enabled
-    self.tty = enabled and _isatty(self.stream)
+    self.tty = enabled and _isatty(self.stream) and _columns(self.stream) > 0
     self.compiled_at: tuple[int, float] | None = None  # (step, time) after the first step
     self.intervals: list[float] = []  # seconds per step of each update since compilation
     self.last: tuple[int, float] | None = None
@@ -131,6 +223,7 @@ class Progress:
                       bar_format='{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} '
                                  '[{elapsed}{postfix}]')
       self.bar.set_postfix_str('compiling', refresh=True)
+      _active_bars.append(self.bar)
 
   def compiled(self, step: int, seconds: float) -> None:
     """The first step of this process (compilation included) finished after `seconds`."""
@@ -164,8 +257,9 @@ class Progress:
 
   def write(self, line: str) -> None:
     """A line of the run's own, above the bar."""
-    if self.bar is not None:
-      self.bar.write(line, file=self.stream)
+    if self.bar is not None:  # cleared, the line written to stdout, the bar drawn again
+      self.bar.write(line, file=sys.stdout)
+      sys.stdout.flush()
     else:
       print(line, flush=True)
 
@@ -186,8 +280,23 @@ class Progress:
 
   def close(self) -> None:
     if self.bar is not None:
+      if self.bar in _active_bars:
+        _active_bars.remove(self.bar)
       self.bar.close()
       self.bar = None
+
+
+def bar_active() -> bool:
+  """Whether a progress bar is drawn now (a message for the terminal starts a new line)."""
+  return bool(_active_bars)
+
+
+def _columns(stream: IO[str]) -> int:
+  """The terminal's width; 0 when it reports none (a bar would not show at all)."""
+  try:
+    return os.get_terminal_size(stream.fileno()).columns
+  except (AttributeError, ValueError, OSError):
+    return 0
 
 
 def _isatty(stream: IO[str]) -> bool:

@@ -37,6 +37,9 @@ def _is_main_thread() -> bool:
 
 
 def _abort(name: str) -> None:
+  console = sys.modules.get('tljax.console')
+  if console is not None and console.bar_active():  # end the bar's line first
+    sys.stderr.write('\n')
   sys.stderr.write(f'error: {name} again: stopped at once without saving; the checkpoints '
                    'already complete are kept\n')
   sys.stderr.flush()

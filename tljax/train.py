@@ -482,6 +482,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     _usage_error(f'unexpected arguments {argv[1:]}')
   console.quiet_terminal(flags.FLAGS['verbosity'].present)
+  console.tolerate_lost_output()
   if _CONFIG.value is None or _WORKDIR.value is None:
     _usage_error('--config and --workdir are required')
   try:

@@ -21,7 +21,8 @@ def native_stderr_collected() -> Iterator[list[str]]:
   the block ends (the caller decides whether to show it)."""
   collected: list[str] = []
   try:
-    sys.stderr.flush()
+    if sys.stderr is not None:
+      sys.stderr.flush()
     saved = os.dup(2)
   except (OSError, ValueError):  # no usable fd 2: nothing to collect
     yield collected
@@ -41,7 +42,8 @@ try:
   with native_stderr_collected() as _startup:
     import tensorflow as tf  # noqa: E402
 except BaseException:
-  sys.stderr.write(''.join(_startup))  # it may say why the import failed
+  if sys.stderr is not None:
+    sys.stderr.write(''.join(_startup))  # it may say why the import failed
   raise
 NATIVE_OUTPUT.extend(f'tensorflow start-up output:\n{text.rstrip()}' for text in _startup
                      if text.strip())

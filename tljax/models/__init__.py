@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from collections.abc import Callable, Mapping
 
 import flax.linen as nn
@@ -112,6 +113,17 @@ def build_model(name: str, **kwargs) -> nn.Module:
     if key in kwargs and kwargs[key] not in allowed:
       raise UserError(f'model.{key}={kwargs[key]!r} is not one of {", ".join(map(repr, allowed))}'
                       f' (model {name!r})')
+  try:
+    accepted = inspect.signature(entry.build).parameters
+  except (TypeError, ValueError):
+    accepted = kwargs
+  if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in getattr(accepted, 'values', list)()):
+    accepted = kwargs  # a builder passing **kwargs on: the module's own error below
+  unknown = sorted(k for k in kwargs if k not in accepted)
+  if unknown:
+    known = sorted(k for k in accepted if k not in ('parent', 'name'))
+    raise UserError(f'model {name!r} takes no argument(s) {unknown} (config keys model.*); '
+                    f'it takes {", ".join(known)}')
   try:
     return entry.build(**kwargs)
   except TypeError as e:

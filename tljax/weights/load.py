@@ -95,6 +95,10 @@ def convert(source: str, model_name: str, model: Any, layout: str | None = None
   elif os.path.isdir(source):
     return read.read_tljax_workdir(source)
   else:
+    if not (os.path.lexists(source) or '://' in source or source.startswith('package:')):
+      raise WeightsError(f'init.pretrained={source!r} is neither a zoo name ({", ".join(zoo.ZOO)})'
+                         ' nor an existing file or tljax workdir; None means no pretrained '
+                         'weights')
     flat = read.read_file(zoo.locate(source))
     if layout is None and any(k.startswith('params/') for k in flat):
       return flat  # written by tljax (e.g. an exported .npz of variables)
