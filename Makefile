@@ -31,7 +31,7 @@ fashion-mnist:
 test: install fashion-mnist
 	$(PY) -m pytest -q tests
 
-# The quick tests of every module (about 2 min on 2 CPU cores): without those marked slow (over
+# The quick tests of every module (2.5 min on 2 idle CPU cores): without those marked slow (over
 # ~10 s) or multiprocess (several training processes). `make test` runs everything.
 test-fast: install
 	$(PY) -m pytest -q tests -m 'not slow and not multiprocess'
