@@ -284,7 +284,8 @@ def test_full_disk_during_a_save_keeps_the_checkpoints(tmp_path, npz_path):
   before = snapshot(workdir / 'checkpoints')
   # Output goes to pipes: a log file would hit the limit too.
   process = subprocess.run(
-      _command(workdir, [f'--config.data.path={npz_path}', '--config.total_steps=12'],
+      _command(workdir, [f'--config.data.path={npz_path}', '--config.total_steps=12',
+                         '--config.optim.schedule.steps=6'],
                small_files=True), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
   output = process.stdout + process.stderr
   assert process.returncode == TRAINING_FAILED_EXIT_CODE, output[-3000:]
