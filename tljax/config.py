@@ -360,6 +360,7 @@ def set_override(config: ml_collections.ConfigDict, key: str, value: Any) -> Non
 
 
 COMPUTE_DTYPES = ('float32', 'bfloat16', 'float16')
+RESIZE_MODES = ('crop', 'squash')  # data.resize_mode (tljax.data.preprocess)
 MAX_SEED = 2**31 - 1
 MAX_STEPS = 2**31 - 1  # the train state counts steps in int32
 
@@ -478,7 +479,7 @@ def check_values(config: ml_collections.ConfigDict, source_given: bool = False) 
   if classes is not None and (not classes or not all(_is_int(c) and c >= 0 for c in classes)
                               or len(set(classes)) != len(classes)):
     raise ConfigError(f'data.classes={classes!r} must be distinct class ids >= 0')
-  if data.resize_mode not in ('crop', 'squash'):
+  if data.resize_mode not in RESIZE_MODES:
     raise ConfigError(f"data.resize_mode={data.resize_mode!r} must be 'crop' (keep the aspect "
                       "ratio, crop a square) or 'squash' (resize to a square)")
   _check_validation(config)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from tljax.config import RESIZE_MODES
 from tljax.data.tf_quiet import tf  # TF with accelerators hidden
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -18,9 +19,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def resize_size(config: Mapping[str, Any]) -> int:
   """Side the image is resized to before cropping `image_size` (default: 8/7 of it)."""
   return int(config.get('resize_size') or round(config['image_size'] * 8 / 7))
-
-
-RESIZE_MODES = ('crop', 'squash')
 
 
 def resize_mode(config: Mapping[str, Any]) -> str:
