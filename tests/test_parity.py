@@ -88,7 +88,7 @@ def test_hf_bert_logits_and_states_match_with_padding(tmp_path):
   types[:, 6:] = 1
   variables = _load(tmp_path, hf, bert.from_hf, model, ids)
   ours = np.asarray(model.apply(variables, ids, mask, types))
-  states, _ = model.apply(variables, ids, mask, types, method=bert.Bert.encode)
+  states = model.apply(variables, ids, mask, types, method=bert.Bert.encode)
   with torch.no_grad():
     out = hf(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long(),
              token_type_ids=torch.from_numpy(types).long(), output_hidden_states=True)
@@ -170,7 +170,7 @@ def _tljax_sentence_embeddings(sentences):
   ids = np.array([e.ids for e in encodings], np.int32)
   mask = np.array([e.attention_mask for e in encodings], np.int32)
   model, variables = tljax.create('minilm_l6', pretrained='minilm_l6/all-v2')
-  states, _ = jax.jit(lambda v, i, m: model.apply(v, i, m, method=bert.Bert.encode))(
+  states = jax.jit(lambda v, i, m: model.apply(v, i, m, method=bert.Bert.encode))(
       variables, ids, mask)
   return ids, mask, np.asarray(states), np.asarray(bert.mean_pool(states, mask))
 

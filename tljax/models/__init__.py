@@ -49,6 +49,13 @@ class ModelEntry:
   exporters: Mapping[str, Callable[[Mapping], dict]] = dataclasses.field(default_factory=dict)
   # Model arguments that take one of a few names, checked before the model is built.
   choices: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+  # The batch keys the model is called with, in the order of its arguments.
+  inputs: tuple[str, ...] = ('image',)
+
+  @property
+  def modality(self) -> str:
+    """'text' for models of token ids, else 'image'."""
+    return 'text' if 'input_ids' in self.inputs else 'image'
 
 
 _DEPTHWISE = dict(depthwise_impl=layers.DEPTHWISE_IMPLS)
@@ -75,10 +82,12 @@ def _vit(size: str, patch: int) -> ModelEntry:
                     vit.RESIZERS, choices=dict(pool=vit.POOLS))
 
 
-def _bert(width: int, depth: int, heads: int) -> ModelEntry:
+def _bert(width: int, depth: int, heads: int, pool: str) -> ModelEntry:
   return ModelEntry(functools.partial(bert.Bert, width=width, depth=depth, num_heads=heads,
-                                      mlp_dim=4 * width),
-                    bert.stages(depth), dict(hf=bert.from_hf), example_input=_token_input)
+                                      mlp_dim=4 * width, pool=pool),
+                    bert.stages(depth), dict(hf=bert.from_hf), example_input=_token_input,
+                    exporters=dict(hf=bert.to_hf), choices=dict(pool=bert.POOLS),
+                    inputs=bert.INPUTS)
 
 
 MODELS: dict[str, ModelEntry] = {
@@ -95,7 +104,7 @@ MODELS: dict[str, ModelEntry] = {
     **{f'efficientnet_lite{v}': _efficientnet_lite(v) for v in efficientnet_lite.VARIANTS},
     'vit_ti16': _vit('ti', 16), 'vit_s16': _vit('s', 16), 'vit_b16': _vit('b', 16),
     'vit_b32': _vit('b', 32), 'vit_l16': _vit('l', 16),
-    'bert_base': _bert(768, 12, 12), 'minilm_l6': _bert(384, 6, 12),
+    'bert_base': _bert(768, 12, 12, 'cls'), 'minilm_l6': _bert(384, 6, 12, 'mean'),
 }
 
 
