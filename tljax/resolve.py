@@ -8,6 +8,7 @@ through here, so a config means the same everywhere.
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import ml_collections
@@ -25,13 +26,18 @@ def _with_zoo_defaults(config: ml_collections.ConfigDict) -> ml_collections.Conf
   them; so does a tljax workdir its normalisation (a linear probe, then full fine-tuning of its
   result, sees the same inputs)."""
   pretrained = config.init.pretrained
-  if (pretrained and pretrained not in zoo.ZOO and os.path.isdir(pretrained)
-      and config.data.mean is None and config.data.std is None):
+  text = get_entry(config.model.name).modality == 'text'
+  if pretrained and pretrained not in zoo.ZOO and os.path.isdir(pretrained) and (
+      config.data.tokenizer is None if text else
+      config.data.mean is None and config.data.std is None):
     record = saved_model.read_record(pretrained)
     config = config.copy_and_resolve_references()
     with config.unlocked():
-      config.data.mean = tuple(record['preprocessing']['mean'])
-      config.data.std = tuple(record['preprocessing']['std'])
+      if text:
+        config.data.tokenizer = os.path.join(pretrained, saved_model.TOKENIZER_FILE)
+      else:
+        config.data.mean = tuple(record['preprocessing']['mean'])
+        config.data.std = tuple(record['preprocessing']['std'])
     return config
   if pretrained not in zoo.ZOO:
     return config
@@ -44,9 +50,30 @@ def _with_zoo_defaults(config: ml_collections.ConfigDict) -> ml_collections.Conf
     for key, value in entry.model_kwargs:
       if key not in config.model:
         config.model[key] = value
-    if config.data.mean is None and config.data.std is None:
+    if text and config.data.tokenizer is None:
+      config.data.tokenizer = zoo.TOKENIZERS.get(pretrained)
+    if not text and config.data.mean is None and config.data.std is None:
       config.data.mean, config.data.std = entry.preprocessing.mean, entry.preprocessing.std
   return config
+
+
+def _check_text(config: ml_collections.ConfigDict) -> None:
+  """A text model needs a tokenizer, and no more tokens than it has positions."""
+  entry = get_entry(config.model.name)
+  if entry.modality != 'text':
+    return
+  if not config.data.tokenizer:
+    raise UserError(f'model {config.model.name!r} reads text: set data.tokenizer to an HF '
+                    'tokenizer.json, or init.pretrained to a source that brings one '
+                    f'({", ".join(zoo.TOKENIZERS)} or a tljax workdir of a text run)')
+  positions = config.model.get('max_positions')
+  if positions is None:
+    positions = inspect.signature(entry.build).parameters['max_positions'].default
+  if config.data.max_length > positions:
+    raise UserError(f'data.max_length={config.data.max_length} is more than the '
+                    f'{positions} positions of model {config.model.name!r} '
+                    '(model.max_positions); longer texts are truncated to data.max_length, so '
+                    f'set it to at most {positions}')
 
 
 def _with_presets(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -89,6 +116,7 @@ def resolve_config(config: ml_collections.ConfigDict, source_given: bool = False
     with config.unlocked():
       config.select.mode = 'min' if config.select.metric == 'loss' else 'max'
   config_lib.check_values(config, source_given)
+  _check_text(config)
   return config
 
 

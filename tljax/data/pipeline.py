@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from tljax.data import image_files, preprocess
+from tljax.data import image_files, preprocess, text
 from tljax.data.sources import DataError, Source, validation_split
 from tljax.data.tf_quiet import tf  # TF with accelerators hidden
 
@@ -34,7 +34,7 @@ def select_per_class(labels: np.ndarray, examples_per_class: int, seed: int) -> 
   return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, np.int64)
 
 
-def _selection(source: Source, split: str, config: Mapping[str, Any]) -> np.ndarray | None:
+def subset_indices(source: Source, split: str, config: Mapping[str, Any]) -> np.ndarray | None:
   """Indices of the k-per-class subset, or None when the whole split is used."""
   k = config.get('examples_per_class')
   if not k:
@@ -44,7 +44,7 @@ def _selection(source: Source, split: str, config: Mapping[str, Any]) -> np.ndar
 
 def train_size(source: Source, config: Mapping[str, Any]) -> int:
   """Training examples per epoch: the whole split or its k-per-class subset."""
-  chosen = _selection(source, config['train_split'], config)
+  chosen = subset_indices(source, config['train_split'], config)
   return source.num_examples(config['train_split']) if chosen is None else len(chosen)
 
 
@@ -117,7 +117,7 @@ def _train_records(source: Source, config: Mapping[str, Any]) -> tuple[tf.data.D
   error naming it."""
   split = config['train_split']
   records = source.records(split)
-  chosen = _selection(source, split, config)
+  chosen = subset_indices(source, split, config)
   if chosen is None:
     total = source.num_examples(split)
   else:
@@ -155,6 +155,35 @@ def _global_stream(records: tf.data.Dataset, total: int, config: Mapping[str, An
   return stream.filter(lambda pos, _: (pos % global_batch) // local_batch == process_index)
 
 
+def is_text(source: Source) -> bool:
+  return getattr(source, 'modality', 'image') == 'text'
+
+
+def _tokenized(texts: tf.data.Dataset, config: Mapping[str, Any]) -> tf.data.Dataset:
+  """Batches of text records -> batches of model inputs and labels (tljax.data.text)."""
+  tokenizer = text.load_tokenizer(config['tokenizer'], int(config['max_length']))
+  return texts.map(lambda b: {**tokenizer.tf_encode(b['text']), 'label': b['label']},
+                   num_parallel_calls=AUTOTUNE, deterministic=True)
+
+
+def text_inputs(texts: list[str], config: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """The model inputs of `texts`, tokenised as the pipeline tokenises them."""
+  tokenizer = text.load_tokenizer(config['tokenizer'], int(config['max_length']))
+  return {k: v for k, v in tokenizer.encode(texts).items() if k != 'truncated'}
+
+
+def truncated_counts(source: Source, config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+  """For each split a run reads (by its data.* key): its name, how many texts it holds and how
+  many of them are longer than data.max_length tokens (cut to it)."""
+  tokenizer = text.load_tokenizer(config['tokenizer'], int(config['max_length']))
+  counts = {}
+  for key, split in _split_keys(source, config).items():
+    texts = source.texts(split)
+    counts[key] = dict(split=split, texts=len(texts),
+                       truncated=tokenizer.count_truncated(texts))
+  return counts
+
+
 def train_batches(source: Source, config: Mapping[str, Any], *, start_step: int, seed: int,
                   process_index: int = 0, process_count: int = 1
                   ) -> Iterator[dict[str, np.ndarray]]:
@@ -165,6 +194,13 @@ def train_batches(source: Source, config: Mapping[str, Any], *, start_step: int,
   step is the same whatever the number of processes.
   """
   records, total = _train_records(source, config)
+  local_batch = int(config['batch_size']) // process_count
+  if is_text(source):  # each process tokenises its own share, a batch at a time
+    stream = _global_stream(records, total, config, start_step=start_step, seed=seed,
+                            process_index=process_index, process_count=process_count)
+    stream = stream.map(lambda _, record: record).batch(local_batch, drop_remainder=True)
+    yield from _tokenized(stream, config).prefetch(AUTOTUNE).as_numpy_iterator()
+    return
   if config.get('cache_decoded'):
     # Decode and resize every example once (on every process) and keep the uint8 result.
     records = records.map(preprocess.make_decode_fn(config, source.decode),
@@ -175,7 +211,7 @@ def train_batches(source: Source, config: Mapping[str, Any], *, start_step: int,
   stream = _global_stream(records, total, config, start_step=start_step, seed=seed,
                           process_index=process_index, process_count=process_count)
   stream = stream.map(example_fn, num_parallel_calls=AUTOTUNE, deterministic=True)
-  stream = stream.batch(int(config['batch_size']) // process_count, drop_remainder=True)
+  stream = stream.batch(local_batch, drop_remainder=True)
   yield from _named_decode_errors(stream.prefetch(AUTOTUNE).as_numpy_iterator(), source,
                                   config['train_split'])
 
@@ -185,6 +221,10 @@ def ordered_train_examples(source: Source, config: Mapping[str, Any], seed: int
   """The training examples (k per class if asked) once, in record order, preprocessed as
   `train_batches` preprocesses them: the input of feature caching."""
   records, total = _train_records(source, config)
+  if is_text(source):
+    yield from _tokenized(records.batch(int(config['batch_size'])), config).prefetch(
+        AUTOTUNE).as_numpy_iterator()
+    return
   example_fn = preprocess.make_train_fn(config, source.decode, seed)
   examples = records.enumerate().map(example_fn, num_parallel_calls=AUTOTUNE, deterministic=True)
   yield from _named_decode_errors(
@@ -224,10 +264,19 @@ class EvalBatches:
       raise DataError(f'split {split!r} is empty')
     self.local_batch = int(config.get('eval_batch_size') or config['batch_size']) // process_count
     self.num_batches = math.ceil(math.ceil(total / process_count) / self.local_batch)
+    ds = source.records(split).shard(process_count, process_index)
+    if is_text(source):
+      length = int(config['max_length'])
+      self._empty = {**{k: np.zeros((0, length), np.int32) for k in text.INPUT_KEYS},
+                     'label': np.zeros(0, np.int32)}
+      ds = _tokenized(ds.batch(self.local_batch), config)
+      if config.get('cache_decoded'):
+        ds = ds.cache()
+      self._dataset = ds.prefetch(AUTOTUNE)
+      return
     size, channels = int(config['image_size']), int(config.get('channels', 3))
     self._empty = {'image': np.zeros((0, size, size, channels), np.float32),
                    'label': np.zeros(0, np.int32)}
-    ds = source.records(split).shard(process_count, process_index)
     ds = ds.map(preprocess.make_eval_fn(config, source.decode), num_parallel_calls=AUTOTUNE)
     if config.get('cache_decoded'):
       ds = ds.cache()  # evaluation is deterministic: preprocess once, reuse at every eval

@@ -1,7 +1,9 @@
-"""Where examples come from: TFDS, an image folder, arrays (.npz, IDX files) or ELPV.
+"""Where examples come from: TFDS, an image folder, arrays (.npz, IDX files) or ELPV; text
+sources (CSV, JSONL, BBC News, TFDS text) live in tljax.data.text.
 
-Every source yields undecoded records `{'image', 'label'}` of one split in a fixed order, so the
-pipeline can shard, subsample, shuffle and skip them before paying for decoding.
+Every source yields undecoded records `{'image', 'label'}` (or `{'text', 'label'}`) of one split
+in a fixed order, so the pipeline can shard, subsample, shuffle and skip them before paying for
+decoding or tokenising.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class Source:
   num_classes: int | None = None
   class_names: list[str] | None = None  # label order; None where the data has no names
   labels_in_memory = True  # labels() costs nothing (not a scan of a whole dataset)
+  modality = 'image'  # or 'text': records hold 'text' and the pipeline tokenises them
 
   def records(self, split: str) -> tf.data.Dataset:
     raise NotImplementedError
@@ -351,7 +354,7 @@ class ClassSubset(Source):
     self.class_names = ([names[c] for c in self.classes] if names
                         else [str(c) for c in self.classes])
     self.overlaps = source.overlaps
-    self.labels_in_memory = source.labels_in_memory
+    self.labels_in_memory, self.modality = source.labels_in_memory, source.modality
     self.check_channels = source.check_channels
     self.decode = source.decode
     self.corrupt_files = source.corrupt_files
@@ -373,6 +376,10 @@ class ClassSubset(Source):
   def labels(self, split: str) -> np.ndarray:
     relabelled = self._remap()[self.source.labels(split)]
     return relabelled[relabelled >= 0]
+
+  def texts(self, split: str) -> list[str]:
+    keep = self._remap()[self.source.labels(split)] >= 0
+    return [t for t, k in zip(self.source.texts(split), keep, strict=True) if k]
 
 
 ELPV_CLASSES = ('functional', 'mildly defective', 'likely defective', 'defective')
@@ -506,13 +513,37 @@ SOURCES: dict[str, Callable[[Mapping[str, Any]], Source]] = {
 }
 
 
-def make_source(config: Mapping[str, Any]) -> Source:
-  """The source named by `config.data.source` (a key of SOURCES), with its class subset and
-  held-out validation fraction."""
+def _text_sources() -> dict[str, Callable[[Mapping[str, Any]], Source]]:
+  from tljax.data import text
+
+  def files(kind: str) -> Callable[[Mapping[str, Any]], Source]:
+    return lambda data: text.file_source(data['path'], kind, data['text_key'],
+                                         data['label_key'], data['train_split'],
+                                         data['class_names'])
+  return {
+      'csv': files('csv'), 'jsonl': files('jsonl'),
+      'bbc_news': lambda data: text.BbcNewsSource(data['path'] or None),
+      'tfds': lambda data: text.TfdsTextSource(data['name'], data['data_dir'],
+                                               data['text_key'], data['label_key']),
+  }
+
+
+TEXT_SOURCES = ('csv', 'jsonl', 'bbc_news', 'tfds')  # data.source values for text models
+
+
+def make_source(config: Mapping[str, Any], modality: str = 'image') -> Source:
+  """The source named by `config.data.source` (a key of SOURCES, or of TEXT_SOURCES for a
+  model of `modality` 'text'), with its class subset and held-out validation fraction."""
   kind = config['source']
-  if kind not in SOURCES:
-    raise DataError(f'data.source must be one of {", ".join(map(repr, SOURCES))}, got {kind!r}')
-  source = SOURCES[kind](config)
+  table = _text_sources() if modality == 'text' else SOURCES
+  if kind not in table:
+    other = SOURCES if modality == 'text' else TEXT_SOURCES
+    what = ('reads text' if modality == 'text' else 'reads images')
+    hint = (f'; {kind!r} gives {"images" if modality == "text" else "texts"}, for a model that '
+            f'{"reads images" if modality == "text" else "reads text"}') if kind in other else ''
+    raise DataError(f'data.source must be one of {", ".join(map(repr, table))} for a model that '
+                    f'{what}, got {kind!r}{hint}')
+  source = table[kind](config)
   if config.get('classes'):
     source = ClassSubset(source, config['classes'])
   return with_validation(source, config)
@@ -546,7 +577,7 @@ class HeldOut(Source):
   def __init__(self, source: Source, train_split: str, fraction: float, seed: int):
     self.source, self.train_split = source, train_split
     self.num_classes, self.class_names = source.num_classes, source.class_names
-    self.labels_in_memory = source.labels_in_memory
+    self.labels_in_memory, self.modality = source.labels_in_memory, source.modality
     self.decode, self.skipped_files = source.decode, source.skipped_files
     labels = source.labels(train_split)
     train, held = stratified_split(labels, fraction, seed)
@@ -588,6 +619,10 @@ class HeldOut(Source):
     if split in self.indices:
       return len(self.indices[split])
     return self.source.num_examples(split)
+
+  def texts(self, split: str) -> list[str]:
+    texts = self.source.texts(self._base(split))
+    return [texts[i] for i in self.indices[split]] if split in self.indices else texts
 
   def corrupt_files(self, split: str) -> dict[str, str]:
     return self.source.corrupt_files(self._base(split))
