@@ -65,14 +65,15 @@ def test_cached_step_compiles_without_the_frozen_prefix(npz_path):
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   cached = features.compute(model, variables, [dict(image=images, label=np.zeros(16))], 'head')
   plain_batch = dict(image=images, label=jnp.zeros(16, jnp.int32))
-  cached_batch = dict(image=jnp.asarray(cached['image']), label=plain_batch['label'])
+  cached_batch = dict(features=jnp.asarray(cached['features']), label=plain_batch['label'])
   flops = {}
-  for name, step_model, batch in (
-      ('plain', model, plain_batch),
-      ('cached', features.FromCut(model, 'head', (16, 16, 3)), cached_batch)):
-    step = jax.jit(steps.make_train_step(step_model, optimizer, mask, schedule, 0))
+  for name, step_model, batch, keys in (
+      ('plain', model, plain_batch, ('image',)),
+      ('cached', features.FromCut(model, 'head', (16, 16, 3)), cached_batch, ('features',))):
+    step = jax.jit(steps.make_train_step(step_model, optimizer, mask, schedule, 0,
+                                         input_keys=keys))
     flops[name] = step.lower(state, batch).compile().cost_analysis()['flops']
-  assert cached['image'].shape == (16, 16)  # the pooled features the head reads
+  assert cached['features'].shape == (16, 16)  # the pooled features the head reads
   assert flops['cached'] < 0.05 * flops['plain'], flops
 
 

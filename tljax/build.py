@@ -16,7 +16,7 @@ import ml_collections
 import optax
 
 from tljax import freeze, optim, parallel, steps
-from tljax.models import build_model, init_variables
+from tljax.models import build_model, get_entry, init_variables
 from tljax.models.layers import NormSpec
 from tljax.weights import load as weights_load
 
@@ -51,8 +51,10 @@ class Built:
 
 def _variables(config: ml_collections.ConfigDict, model: Any
                ) -> tuple[dict[str, Any], dict[str, list[str]] | None]:
-  init = functools.partial(init_variables, model, config.data.image_size, config.data.channels,
-                           config.seed)
+  entry = get_entry(config.model.name)
+  size = config.data.max_length if entry.modality == 'text' else config.data.image_size
+  init = functools.partial(init_variables, model, size, config.data.channels, config.seed,
+                           entry.example_input)
   if not config.init.pretrained:
     return init(), None
   return weights_load.load_pretrained_lazily(

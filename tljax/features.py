@@ -44,9 +44,10 @@ def _checked_input(args: tuple, module_name: str) -> jax.Array:
   return args[0]
 
 
-def prefix_features(model: nn.Module, variables: Any, images: jax.Array, module_name: str,
-                    train: bool = False, rngs: Any = None) -> jax.Array:
-  """The input the top-level submodule `module_name` receives when `model` sees `images`."""
+def prefix_features(model: nn.Module, variables: Any, inputs: Sequence[jax.Array],
+                    module_name: str, train: bool = False, rngs: Any = None) -> jax.Array:
+  """The input the top-level submodule `module_name` receives when `model` sees `inputs` (an
+  image batch, or token ids, attention mask and token types)."""
   seen: list[jax.Array] = []
 
   def record(next_fun, args, kwargs, context):
@@ -55,7 +56,7 @@ def prefix_features(model: nn.Module, variables: Any, images: jax.Array, module_
     return next_fun(*args, **kwargs)
 
   with nn.intercept_methods(record):
-    model.apply(variables, images, train=train, rngs=rngs,
+    model.apply(variables, *inputs, train=train, rngs=rngs,
                 mutable=['batch_stats'] if train else False)
   if len(seen) != 1:
     raise CacheError(f'cannot cache features at stage {module_name!r}: the model calls it '
@@ -63,34 +64,40 @@ def prefix_features(model: nn.Module, variables: Any, images: jax.Array, module_
   return seen[0]
 
 
-class FromCut:
-  """`model` applied to cached prefix outputs instead of images, for the train step.
+FEATURES = 'features'  # the batch key of cached prefix outputs
 
-  The images the model is called with are zeros that nothing reads once the cut stage's input
-  is replaced, so XLA removes the whole prefix from the compiled step.
+
+class FromCut:
+  """`model` applied to cached prefix outputs instead of its first input, for the train step.
+
+  The first input (images, or token ids) is zeros that nothing reads once the cut stage's input
+  is replaced, so XLA removes the whole prefix from the compiled step; the model's other inputs
+  (a text's attention mask) are passed as they are, for the layers after the cut.
   """
 
-  def __init__(self, model: nn.Module, module_name: str, image_shape: Sequence[int]):
-    self.model, self.module_name, self.image_shape = model, module_name, tuple(image_shape)
+  def __init__(self, model: nn.Module, module_name: str, input_shape: Sequence[int],
+               input_dtype: Any = jnp.float32):
+    self.model, self.module_name = model, module_name
+    self.input_shape, self.input_dtype = tuple(input_shape), input_dtype
 
-  def apply(self, variables: Any, features: jax.Array, **kwargs: Any) -> Any:
+  def apply(self, variables: Any, features: jax.Array, *rest: jax.Array, **kwargs: Any) -> Any:
     def replace(next_fun, args, kwargs_, context):
       if _is_call_of(context, self.module_name):
         _checked_input(args, self.module_name)
         return next_fun(features, *args[1:], **kwargs_)
       return next_fun(*args, **kwargs_)
 
-    images = jnp.zeros((features.shape[0], *self.image_shape), jnp.float32)
+    dummy = jnp.zeros((features.shape[0], *self.input_shape), self.input_dtype)
     with nn.intercept_methods(replace):
-      return self.model.apply(variables, images, **kwargs)
+      return self.model.apply(variables, dummy, *rest, **kwargs)
 
 
-def check_deterministic(model: nn.Module, variables: Any, images: jax.Array,
+def check_deterministic(model: nn.Module, variables: Any, inputs: Sequence[jax.Array],
                         module_name: str) -> None:
   """Refuses caching when the frozen prefix is random in training (dropout before the cut):
   cached features could not stand in for what an uncached train step computes."""
-  in_eval = prefix_features(model, variables, images, module_name)
-  in_train = prefix_features(model, variables, images, module_name, train=True,
+  in_eval = prefix_features(model, variables, inputs, module_name)
+  in_train = prefix_features(model, variables, inputs, module_name, train=True,
                              rngs={'dropout': jax.random.key(1)})
   if not np.allclose(np.asarray(in_eval), np.asarray(in_train), rtol=1e-5, atol=1e-6):
     fix = ('--config.model.dropout=0.0' if isinstance(getattr(model, 'dropout', None), float)
@@ -101,16 +108,22 @@ def check_deterministic(model: nn.Module, variables: Any, images: jax.Array,
 
 
 def compute(model: nn.Module, variables: Any, batches: Iterable[dict[str, np.ndarray]],
-            module_name: str) -> dict[str, np.ndarray]:
-  """Prefix outputs and labels of every example, in order, as host arrays; refuses a prefix
-  that is random in training (checked on the first batch)."""
-  extract = jax.jit(lambda v, x: prefix_features(model, v, x, module_name))
+            module_name: str, input_keys: Sequence[str] = ('image',)) -> dict[str, np.ndarray]:
+  """Prefix outputs (`features`), labels and the model's other inputs of every example, in
+  order, as host arrays; refuses a prefix that is random in training (checked on the first
+  batch)."""
+  extract = jax.jit(lambda v, inputs: prefix_features(model, v, inputs, module_name))
   features, labels = [], []
+  rest: dict[str, list[np.ndarray]] = {key: [] for key in input_keys[1:]}
   for batch in batches:
+    inputs = [jnp.asarray(batch[key]) for key in input_keys]
     if not features:
-      check_deterministic(model, variables, jnp.asarray(batch['image'][:4]), module_name)
-    features.append(np.asarray(extract(variables, batch['image'])))
+      check_deterministic(model, variables, [x[:4] for x in inputs], module_name)
+    features.append(np.asarray(extract(variables, inputs)))
     labels.append(np.asarray(batch['label']))
+    for key in rest:
+      rest[key].append(np.asarray(batch[key]))
   if not features:
     raise CacheError('data.cache_features: the training split has no examples')
-  return dict(image=np.concatenate(features), label=np.concatenate(labels))
+  return {FEATURES: np.concatenate(features), 'label': np.concatenate(labels),
+          **{key: np.concatenate(arrays) for key, arrays in rest.items()}}

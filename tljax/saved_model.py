@@ -20,25 +20,50 @@ import ml_collections
 from tljax.errors import UserError
 
 RECORD_FILE = 'model.json'
+TOKENIZER_FILE = 'tokenizer.json'  # a text run's tokenizer, copied into its workdir
+
+
+def copy_tokenizer(data: ml_collections.ConfigDict, workdir: str) -> None:
+  """The run's tokenizer.json into the workdir (whole or not at all), so the workdir can be
+  used as a model, or as init.pretrained, without the package it came from."""
+  import shutil
+
+  from tljax.data import text
+  from tljax.errors import TrainingFailed
+  source = text.load_tokenizer(data.tokenizer, data.max_length).path
+  target = os.path.join(workdir, TOKENIZER_FILE)
+  if os.path.abspath(source) == os.path.abspath(target):
+    return
+  partial = f'{target}.{os.getpid()}.partial'
+  try:
+    shutil.copyfile(source, partial)
+    os.replace(partial, target)
+  except OSError as e:
+    if os.path.exists(partial):
+      os.remove(partial)
+    raise TrainingFailed(f'could not write {target}: {e.strerror or e}') from None
 
 
 def make_record(config: ml_collections.ConfigDict, class_names: Sequence[str] | None
                 ) -> dict[str, Any]:
   """What `load` and `predict` need from a run, from its resolved config."""
   from tljax.data import preprocess, sources
+  from tljax.models import get_entry
   data = config.data
   names = list(class_names) if class_names and len(class_names) == config.model.num_classes \
       else None
-  return dict(
-      model=config.model.to_dict(),
-      class_names=names,
-      preprocessing=dict(
-          image_size=data.image_size,
-          resize_size=preprocess.resize_size(data) if data.augment else data.image_size,
-          resize_mode=data.resize_mode, channels=data.channels,
-          mean=list(data.mean or preprocess.IMAGENET_MEAN),
-          std=list(data.std or preprocess.IMAGENET_STD)),
-      select=(dict(config.select) if sources.validation_split(data) is not None else None))
+  if get_entry(config.model.name).modality == 'text':
+    preprocessing = dict(modality='text', max_length=data.max_length, tokenizer=TOKENIZER_FILE)
+  else:
+    preprocessing = dict(
+        image_size=data.image_size,
+        resize_size=preprocess.resize_size(data) if data.augment else data.image_size,
+        resize_mode=data.resize_mode, channels=data.channels,
+        mean=list(data.mean or preprocess.IMAGENET_MEAN),
+        std=list(data.std or preprocess.IMAGENET_STD))
+  return dict(model=config.model.to_dict(), class_names=names, preprocessing=preprocessing,
+              select=(dict(config.select) if sources.validation_split(data) is not None
+                      else None))
 
 
 def read_record(workdir: str) -> dict[str, Any]:

@@ -56,6 +56,14 @@ def cast_floats(tree: Any, dtype: Any) -> Any:
       lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
+def model_inputs(batch: dict[str, jax.Array], input_keys: tuple[str, ...],
+                 compute_dtype: Any = None) -> list[jax.Array]:
+  """The arrays a model is called with, in its argument order; floating ones (images,
+  cached features) cast to `compute_dtype`, token ids left as they are."""
+  inputs = [batch[key] for key in input_keys]
+  return cast_floats(inputs, compute_dtype) if compute_dtype is not None else inputs
+
+
 def _microbatches(batch: dict[str, jax.Array], count: int) -> dict[str, jax.Array]:
   """(count, B / count, ...) with microbatch i = rows i, i + count, ...: every device's shard
   of the batch axis holds rows of every microbatch, so each microbatch still spans all devices."""
@@ -70,7 +78,8 @@ def _microbatches(batch: dict[str, jax.Array], count: int) -> dict[str, jax.Arra
 def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, mask: Any,
                     schedule: optax.Schedule, seed: int, label_smoothing: float = 0.0,
                     axis_name: str | None = None, compute_dtype: Any = None,
-                    grad_accum_steps: int = 1) -> Callable:
+                    grad_accum_steps: int = 1, input_keys: tuple[str, ...] = ('image',)
+                    ) -> Callable:
   """Returns train_step(state, batch) -> (state, metrics).
 
   `metrics['nonfinite']` flags a non-finite loss and each trainable gradient leaf
@@ -90,11 +99,11 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, m
 
     def loss_fn(trainable_params, batch_stats, micro, rng):
       params = merge_trainable(mask, trainable_params, frozen)
-      images = micro['image']
       if compute_dtype is not None:
-        params, images = cast_floats(params, compute_dtype), images.astype(compute_dtype)
+        params = cast_floats(params, compute_dtype)
       logits, updates = model.apply(
-          {'params': params, 'batch_stats': batch_stats}, images, train=True,
+          {'params': params, 'batch_stats': batch_stats},
+          *model_inputs(micro, input_keys, compute_dtype), train=True,
           mutable=['batch_stats'], rngs={'dropout': rng})
       loss = jnp.mean(cross_entropy(logits, micro['label'], label_smoothing))
       correct = jnp.mean(jnp.argmax(logits, -1) == micro['label'])
@@ -136,8 +145,8 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, m
 
 
 def make_eval_step(model: nn.Module, axis_name: str | None = None,
-                   groupings: dict[str, Any] | None = None, compute_dtype: Any = None
-                   ) -> Callable:
+                   groupings: dict[str, Any] | None = None, compute_dtype: Any = None,
+                   input_keys: tuple[str, ...] = ('image',)) -> Callable:
   """Returns eval_step(state, batch) -> summed metrics; `batch['mask']` zeroes padding.
 
   `confusion[true, predicted]` counts the batch's examples (on device, exact integers), from
@@ -148,11 +157,11 @@ def make_eval_step(model: nn.Module, axis_name: str | None = None,
   tables = {name: jnp.asarray(table) for name, table in (groupings or {}).items()}
 
   def eval_step(state: TrainState, batch: dict[str, jax.Array]):
-    params, images = state.params, batch['image']
+    params = state.params
     if compute_dtype is not None:
-      params, images = cast_floats(params, compute_dtype), images.astype(compute_dtype)
-    logits = model.apply({'params': params, 'batch_stats': state.batch_stats}, images,
-                         train=False)
+      params = cast_floats(params, compute_dtype)
+    logits = model.apply({'params': params, 'batch_stats': state.batch_stats},
+                         *model_inputs(batch, input_keys, compute_dtype), train=False)
     mask = batch['mask'].astype(jnp.float32)
     losses = cross_entropy(logits, batch['label'])
     predicted = jnp.argmax(logits, -1)

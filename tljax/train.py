@@ -60,9 +60,9 @@ class FeatureCache:
   seconds: float
 
   def summary(self) -> dict[str, Any]:
+    cached = self.arrays[features.FEATURES]
     return dict(stage=self.stage, examples=len(self.arrays['label']),
-                shape=list(self.arrays['image'].shape[1:]),
-                bytes=int(self.arrays['image'].nbytes), seconds=self.seconds)
+                shape=list(cached.shape[1:]), bytes=int(cached.nbytes), seconds=self.seconds)
 
 
 def _feature_cut(config: ml_collections.ConfigDict, labels: Any) -> str:
@@ -73,8 +73,8 @@ def _feature_cut(config: ml_collections.ConfigDict, labels: Any) -> str:
 
 
 def _cached_features(config: ml_collections.ConfigDict, model, state: steps.TrainState,
-                     labels: Any, source: sources.Source, dtype: str | None
-                     ) -> tuple[Any, FeatureCache]:
+                     labels: Any, source: sources.Source, dtype: str | None,
+                     input_keys: tuple[str, ...]) -> tuple[Any, FeatureCache]:
   """Runs the frozen prefix over the training split once (in the compute dtype); returns the
   model the train step applies to those features, and the cache."""
   start = time.perf_counter()
@@ -84,14 +84,30 @@ def _cached_features(config: ml_collections.ConfigDict, model, state: steps.Trai
     variables = steps.cast_floats(variables, dtype)
   examples = pipeline.ordered_train_examples(source, config.data, config.seed)
   if dtype is not None:
-    examples = ({**b, 'image': b['image'].astype(dtype)} for b in examples)
-  arrays = features.compute(model, variables, examples, cut)
+    examples = ({**b, **dict(zip(input_keys, steps.model_inputs(b, input_keys, dtype),
+                                 strict=True))} for b in examples)
+  arrays = features.compute(model, variables, examples, cut, input_keys)
   cache = FeatureCache(cut, arrays, time.perf_counter() - start)
   if jax.process_index() == 0:
     print(f'cached the input of stage {cut!r} for {len(arrays["label"])} examples '
-          f'({arrays["image"].nbytes / 2**20:.1f} MiB) in {cache.seconds:.1f} s', flush=True)
-  image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
-  return features.FromCut(model, cut, image_shape), cache
+          f'({arrays[features.FEATURES].nbytes / 2**20:.1f} MiB) in {cache.seconds:.1f} s',
+          flush=True)
+  first_input = _probe_inputs(config, 1)[0]
+  return features.FromCut(model, cut, first_input.shape[1:], first_input.dtype), cache
+
+
+def _probe_inputs(config: ml_collections.ConfigDict, count: int) -> list[jax.Array]:
+  """`count` made-up examples of the model's inputs: images of normal noise, or texts of
+  random token ids (a full attention mask, one segment)."""
+  rng = np.random.default_rng(0)
+  if get_entry(config.model.name).modality == 'text':
+    length = config.data.max_length
+    vocab = config.model.get('vocab_size') or 1000
+    ids = rng.integers(1, min(vocab, 1000), (count, length))
+    return [jnp.asarray(ids, jnp.int32), jnp.ones((count, length), jnp.int32),
+            jnp.zeros((count, length), jnp.int32)]
+  size, channels = config.data.image_size, config.data.channels
+  return [jnp.asarray(rng.normal(size=(count, size, size, channels)), jnp.float32)]
 
 
 def _layout_line(summary: dict[str, Any]) -> str:
@@ -173,6 +189,10 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   aside instead of resuming them. Raises errors.Preempted when SIGTERM or SIGINT arrives (after
   saving a checkpoint, once training has started).
   """
+  if config.get('baseline'):  # a classical baseline fitted on the same splits instead
+    from tljax import baseline
+    return baseline.run(resolve.resolve_config(config, source_given=source is not None),
+                        workdir, source, fresh)
   with console.RunLog() as run_log:  # library logs: held now, in the workdir once it is written
     return _run(config, workdir, source, fresh, run_log)
 
@@ -190,8 +210,19 @@ def _run(config: ml_collections.ConfigDict, workdir: str, source: sources.Source
   parallel.check_batch_size(config.data.batch_size, layout)
   dtype = config_lib.compute_dtype(config)
   grad_accum_steps = resolve.grad_accum_steps(config, layout.data)
-  source = sources.with_validation(source or sources.make_source(config.data), config.data)
+  entry = get_entry(config.model.name)
+  source = sources.with_validation(source or sources.make_source(config.data, entry.modality),
+                                   config.data)
+  if source.modality != entry.modality:
+    raise UserError(f'model {config.model.name!r} reads {entry.modality} but the data source '
+                    f'gives {source.modality} examples; choose a model or a source to match')
   train_examples = pipeline.check_splits(source, config.data, config.model.num_classes)
+  truncated = (pipeline.truncated_counts(source, config.data)
+               if entry.modality == 'text' else None)
+  if truncated and any(c['truncated'] for c in truncated.values()) and is_main:
+    print(f'texts longer than data.max_length={config.data.max_length} tokens are cut to it: '
+          + ', '.join(f'{c["truncated"]:,} of {c["texts"]:,} in {c["split"]!r}'
+                      for c in truncated.values()), flush=True)
   val_split = sources.validation_split(config.data)
   select = (config.select.metric, config.select.mode) if val_split else None
   class_names = source.class_names
@@ -216,10 +247,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str, source: sources.Source
   params, batch_stats, groups = built.params, built.batch_stats, built.groups
   groupings = resolve.grouping_tables(config)
   if config.data.cache_features:  # checked now; the features are computed after the writes
-    probe = np.random.default_rng(0).normal(
-        size=(2, config.data.image_size, config.data.image_size, config.data.channels))
     features.check_deterministic(model, dict(params=params, batch_stats=batch_stats),
-                                 jnp.asarray(probe, jnp.float32), _feature_cut(config, labels))
+                                 _probe_inputs(config, 2), _feature_cut(config, labels))
   config_json = config.to_json_best_effort(indent=2)
   runner = parallel.make_runner(config.parallel, layout)
 
@@ -266,6 +295,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str, source: sources.Source
       if kept:
         print(f'training on past the earlier finish: its results are kept in {kept}', flush=True)
       workdir_lib.write_json(os.path.join(workdir, workdir_lib.CONFIG_FILE), config_json)
+      if entry.modality == 'text':  # the workdir is a model: it keeps its tokenizer
+        saved_model.copy_tokenizer(config.data, workdir)
       workdir_lib.write_json(os.path.join(workdir, saved_model.RECORD_FILE),
                              saved_model.make_record(config, class_names))
     skipped = source.skipped_files()
@@ -286,9 +317,10 @@ def _run(config: ml_collections.ConfigDict, workdir: str, source: sources.Source
     if dtype is not None and hasattr(model, 'dtype'):
       model = model.clone(dtype=jnp.dtype(dtype))
     train_model, feature_cache = model, None
+    input_keys = entry.inputs
     if config.data.cache_features:  # the frozen prefix is the same in every checkpoint
       train_model, feature_cache = _cached_features(config, model, state, labels, source,
-                                                    dtype)
+                                                    dtype, input_keys)
 
     if start_step:
       state = resume.state
@@ -302,12 +334,13 @@ def _run(config: ml_collections.ConfigDict, workdir: str, source: sources.Source
     if is_main and (layout.rule != 'replicate' or layout.model > 1):
       print(_layout_line(sharding), flush=True)
     axis_name = parallel.PMAP_AXIS if runner.name == 'pmap' else None
+    train_keys = input_keys if feature_cache is None else (features.FEATURES, *input_keys[1:])
     train_step = runner.compile_train(built.train_step(
         train_model, axis_name=axis_name, compute_dtype=dtype,
-        grad_accum_steps=grad_accum_steps), state)
+        grad_accum_steps=grad_accum_steps, input_keys=train_keys), state)
     eval_step = runner.compile_eval(steps.make_eval_step(
-        model, axis_name=axis_name, groupings=groupings, compute_dtype=dtype),
-        state)
+        model, axis_name=axis_name, groupings=groupings, compute_dtype=dtype,
+        input_keys=input_keys), state)
     if feature_cache is None:
       batches = pipeline.train_batches(source, config.data, start_step=start_step,
                                        seed=config.seed, process_index=process_index,
@@ -402,6 +435,9 @@ def _run(config: ml_collections.ConfigDict, workdir: str, source: sources.Source
         sharding=sharding,
         processes=process_count, compute_dtype=config.compute_dtype,
         feature_cache=None if feature_cache is None else feature_cache.summary(),
+        modality=entry.modality, max_length=(config.data.max_length if truncated is not None
+                                             else None),
+        truncated_texts=truncated,
         skipped_images={split: len(files) for split, files in skipped.items()})
     if is_main:
       report.plot_confusion(reported['selected']['test'], class_names,
