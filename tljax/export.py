@@ -1,14 +1,18 @@
 """A fine-tuned run's variables as one .safetensors file, for use outside its workdir.
 
   python -m tljax.export --workdir DIR --out FILE.safetensors [--step best|last|N]
-                         [--layout tljax|torchvision] [--force]
+                         [--layout tljax|torchvision|hf] [--force]
 
 Layout 'tljax' (the default) stores the parameters and BatchNorm statistics under their Flax
 paths (`params/stem/conv/kernel`); `tljax.create(name, num_classes=N, pretrained=FILE)` and
 `init.pretrained=FILE` read it back. Layout 'torchvision' (ResNets and MobileNetV2) stores
 torchvision's state-dict keys and tensor layouts, so PyTorch loads it with
-`model.load_state_dict(safetensors.torch.load_file(FILE), strict=True)`. Either way the file's
-metadata holds the class names, the preprocessing and the model config (JSON strings).
+`model.load_state_dict(safetensors.torch.load_file(FILE), strict=True)`. Layout 'hf' (BERT and
+MiniLM) stores the encoder under HF `BertModel` keys, with the matching `transformers.BertConfig`
+in the metadata (`hf_config`): `BertModel(BertConfig(**hf_config), add_pooling_layer=<pool is
+'cls'>)` loads it strictly; the classification head is not part of BertModel (the tljax layout
+keeps it). Either way the file's metadata holds the class names, the preprocessing and the
+model config (JSON strings).
 Nothing is written over an existing file without --force, and a file is written whole or not
 at all. Exit status: 0 done, 2 bad input.
 """
@@ -27,7 +31,7 @@ from flax import traverse_util
 from tljax import cli
 from tljax.errors import UserError
 
-LAYOUTS = ('tljax', 'torchvision')
+LAYOUTS = ('tljax', 'torchvision', 'hf')
 
 
 def check_output(path: str, force: bool) -> None:
@@ -63,12 +67,15 @@ def export(workdir: str, out: str, step: str | int = 'best', layout: str = 'tlja
   if layout not in LAYOUTS:
     raise UserError(f'--layout {layout!r} must be one of {", ".join(LAYOUTS)}')
   check_output(out, force)
-  _, variables, record = saved_model.load(workdir, step)
+  model, variables, record = saved_model.load(workdir, step)
   arrays = tensors(variables, record['model']['name'], layout)
   metadata = dict(format='tljax', layout=layout, step=str(record['step']),
                   model=json.dumps(record['model']),
                   class_names=json.dumps(record.get('class_names')),
                   preprocessing=json.dumps(record['preprocessing']))
+  if layout == 'hf':
+    from tljax.models import bert
+    metadata['hf_config'] = json.dumps(bert.hf_config(model))
   partial = f'{out}.partial'
   try:
     save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, partial, metadata)

@@ -1,7 +1,11 @@
-"""Top-k classes of a fine-tuned run (or a zoo model) on image files and folders.
+"""Top-k classes of a fine-tuned run (or a zoo model) on image files and folders, or on texts.
 
   python -m tljax.predict --workdir DIR [--step best|last|N] IMAGE... | FOLDER... [--csv OUT]
   python -m tljax.predict --pretrained mobilenet_v2/imagenet photo.jpg
+  python -m tljax.predict --workdir TEXT_RUN --text "..." [--text "..."] | --file TEXTS.txt
+
+A text run's workdir brings its tokenizer (tokenizer.json) and max_length; `--file` holds one
+text a line (blank lines are left out).
 
 A workdir brings its class names and preprocessing (model.json); a folder is searched for image
 files (.png, .jpg, .jpeg, .bmp, .gif, .webp) at any depth and run in batches. Every input is checked
@@ -54,6 +58,10 @@ class Predictor:
     names = record.get('class_names') or [f'class {i}' for i in range(count)]
     return cls(model, variables, list(names), dict(record['preprocessing']),
                f'{workdir} step {record["step"]}')
+
+  @property
+  def is_text(self) -> bool:
+    return self.preprocessing.get('modality') == 'text'
 
   @classmethod
   def from_zoo(cls, name: str) -> Predictor:
@@ -173,8 +181,55 @@ def predict(predictor: Predictor, paths: list[str], top_k: int = 5, batch_size: 
   return results
 
 
+def read_text_file(path: str) -> list[str]:
+  """The non-blank lines of a UTF-8 file, one text each; other bytes are an error naming the
+  line."""
+  try:
+    with open(path, 'rb') as f:
+      data = f.read()
+  except OSError as e:
+    raise UserError(f'--file {path}: {e.strerror or e}') from None
+  try:
+    content = data.decode('utf-8-sig')
+  except UnicodeDecodeError as e:
+    line = data.count(b'\n', 0, e.start) + 1
+    raise UserError(f'--file {path}:{line}: bytes that are not UTF-8; save the file as UTF-8'
+                    ) from None
+  texts = [line for line in content.splitlines() if line.strip()]
+  if not texts:
+    raise UserError(f'--file {path} holds no text (one text a line)')
+  return texts
+
+
+def predict_texts(predictor: Predictor, workdir: str, texts: list[str], top_k: int = 5,
+                  batch_size: int = 32) -> tuple[list[list[tuple[str, float]]], int]:
+  """Per text, the `top_k` (class name, probability), most likely first; and how many texts
+  were longer than the run's max_length tokens (cut to it, as in training)."""
+  import os
+
+  import jax
+
+  from tljax import saved_model
+  from tljax.data import text
+  tokenizer = text.load_tokenizer(os.path.join(workdir, saved_model.TOKENIZER_FILE),
+                                  int(predictor.preprocessing['max_length']))
+  apply = jax.jit(lambda variables, *inputs: jax.nn.softmax(
+      predictor.model.apply(variables, *inputs, train=False), axis=-1))
+  k = min(top_k, len(predictor.class_names))
+  results, truncated = [], 0
+  for start in range(0, len(texts), batch_size):
+    chunk = texts[start:start + batch_size]
+    arrays = tokenizer.encode(chunk + [''] * (batch_size - len(chunk)) if len(texts) > batch_size
+                              else chunk)  # one compiled shape for every batch
+    truncated += int(arrays['truncated'][:len(chunk)].sum())
+    probs = np.asarray(apply(predictor.variables, *(arrays[key] for key in text.INPUT_KEYS)))
+    for row in probs[:len(chunk)]:
+      results.append([(predictor.class_names[i], float(row[i])) for i in np.argsort(-row)[:k]])
+  return results, truncated
+
+
 def write_csv(path: str, paths: list[str], results: list[list[tuple[str, float]]],
-              force: bool = False) -> None:
+              force: bool = False, first_column: str = 'path') -> None:
   """One row per image: path, then (class, probability) for each of the top k; written whole
   or not at all."""
   k = max((len(r) for r in results), default=0)
@@ -182,7 +237,7 @@ def write_csv(path: str, paths: list[str], results: list[list[tuple[str, float]]
   try:
     with open(partial, 'w', newline='', encoding='utf-8', errors='surrogateescape') as f:
       writer = csv.writer(f)
-      writer.writerow(['path'] + [f'{kind}_{i}' for i in range(1, k + 1)
+      writer.writerow([first_column] + [f'{kind}_{i}' for i in range(1, k + 1)
                                   for kind in ('class', 'probability')])
       for image, top in zip(paths, results, strict=True):
         writer.writerow([image] + [cell for name, prob in top
@@ -232,7 +287,10 @@ def main(argv: Sequence[str] | None = None) -> None:
   source.add_argument('--pretrained', help='a zoo ImageNet classifier, e.g. mobilenet_v2/imagenet')
   parser.add_argument('--step', default='best', help="'best' (selected on validation; the last "
                       "without a validation split), 'last' or a step number")
-  parser.add_argument('inputs', nargs='+', metavar='IMAGE_OR_FOLDER')
+  parser.add_argument('inputs', nargs='*', metavar='IMAGE_OR_FOLDER')
+  parser.add_argument('--text', action='append', help='a text to classify (a text run; may be '
+                      'given several times)')
+  parser.add_argument('--file', help='a UTF-8 file of texts to classify, one a line')
   parser.add_argument('--top_k', '--top-k', type=int, default=5, help='classes per image')
   parser.add_argument('--csv', help='write one row per image to this file')
   parser.add_argument('--force', action='store_true', help='replace an existing --csv file')
@@ -248,8 +306,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.top_k < 1 or args.batch_size < 1:
       raise UserError(f'--top_k={args.top_k} and --batch_size={args.batch_size} must be >= 1')
     _check_csv(args.csv, args.force)
+    if args.text or args.file:
+      _main_text(args)
+      return
+    if not args.inputs:
+      raise UserError('name image files or folders, or give --text / --file for a text run')
     if args.max_pixels < 1:
       raise UserError(f'--max_pixels={args.max_pixels} must be >= 1')
+    if args.workdir:  # its record says what it reads, before any image is opened
+      from tljax import saved_model
+      if saved_model.read_record(args.workdir)['preprocessing'].get('modality') == 'text':
+        raise UserError(f'{args.workdir} is a text run: give texts with --text or --file, not '
+                        'images')
     paths, bad = check_images(find_images(args.inputs), args.skip_unreadable, args.max_pixels)
     if args.csv and os.path.realpath(args.csv) in {os.path.realpath(p) for p in paths}:
       raise UserError(f'--csv {args.csv} is one of the input images; name another file')
@@ -277,6 +345,41 @@ def main(argv: Sequence[str] | None = None) -> None:
       print(f'  {prob:7.2%}  {name}')
   if args.csv:
     print(f'wrote {args.csv} ({len(paths)} rows)')
+
+
+def _shown(text: str, width: int = 70) -> str:
+  line = ' '.join(text.split())
+  return printable(line if len(line) <= width else line[:width - 3] + '...')
+
+
+def _main_text(args: Any) -> None:
+  """--text / --file: classify texts with a text run's workdir."""
+  if args.inputs:
+    raise UserError(f'--text/--file classify texts; {args.inputs[0]!r} looks like an image '
+                    'input: give one or the other')
+  if not args.workdir:
+    raise UserError('--text and --file need --workdir (a text run)')
+  texts = list(args.text or []) + (read_text_file(args.file) if args.file else [])
+  empty = [i for i, t in enumerate(texts) if not t.strip()]
+  if empty:
+    raise UserError(f'--text number {empty[0] + 1} is empty; give the text to classify')
+  predictor = Predictor.from_workdir(args.workdir, args.step)
+  if not predictor.is_text:
+    raise UserError(f'{args.workdir} is an image run: name image files or folders, not '
+                    '--text or --file')
+  results, truncated = predict_texts(predictor, args.workdir, texts, args.top_k,
+                                     args.batch_size)
+  if args.csv:
+    write_csv(args.csv, texts, results, args.force, first_column='text')
+  print(f'# {predictor.source}: {len(texts)} text(s)'
+        + (f', {truncated} longer than max_length={predictor.preprocessing["max_length"]} '
+           'tokens (cut to it)' if truncated else ''))
+  for line, top in zip(texts, results, strict=True):
+    print(_shown(line))
+    for name, prob in top:
+      print(f'  {prob:7.2%}  {name}')
+  if args.csv:
+    print(f'wrote {args.csv} ({len(texts)} rows)')
 
 
 if __name__ == '__main__':
