@@ -113,7 +113,7 @@ def base_config() -> ml_collections.ConfigDict:
       # small PNG can claim gigabytes of pixels.
       max_image_pixels=100_000_000,
       # Compute the frozen leading stages once per example and train on their outputs; needs
-      # augment=False and a frozen prefix (tljax.features).
+      # a frozen prefix and, for images, augment=False (tljax.features).
       cache_features=False,
   )
   # The optimizer: one optax transform per trainable group of optim.groups, in one

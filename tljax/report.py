@@ -19,10 +19,11 @@ SCORE_PREFIXES = ('accuracy', 'balanced_accuracy')
 @dataclasses.dataclass(frozen=True)
 class PlotSpec:
   """y (an accuracy key) against `x`, one line per value of `series`; rows whose `reference`
-  key holds the reference value (e.g. preset 'scratch') are drawn as horizontal lines."""
+  key holds the reference value (e.g. preset 'scratch', or one of a tuple of values) are drawn
+  as horizontal lines."""
   x: str = 'frozen_stages'
   series: str = 'examples_per_class'
-  reference: tuple[str, Any] | None = ('preset', 'scratch')
+  reference: tuple[str, Any] | None = ('preset', 'scratch')  # (key, value or tuple of values)
   y: str = 'accuracy'
   x_label: str = 'frozen stages (from the input)'
   series_label: str = 'examples per class'
@@ -100,7 +101,8 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], missing: int = 0,
   header += ['train wall time', 'median step']
   lines = ['| ' + ' | '.join(header) + ' |', '|' + ' --- |' * len(header)]
   for row in rows:
-    cells = [row['variant'], str(row['frozen_stages']), f'{row["trainable_params"]:,}',
+    cells = [row['variant'], '-' if row['frozen_stages'] is None else str(row['frozen_stages']),
+             f'{row["trainable_params"]:,}',
              'all' if row['examples_per_class'] is None else str(row['examples_per_class']),
              str(row['seeds'])]
     cells += [_percent(row, k) for k in accuracy_keys]
@@ -122,7 +124,10 @@ def plot_lines(rows: Sequence[Mapping[str, Any]], spec: PlotSpec
   reference rows as (variant, series value, y %)."""
 
   def is_reference(row: Mapping[str, Any]) -> bool:
-    return spec.reference is not None and row.get(spec.reference[0]) == spec.reference[1]
+    if spec.reference is None:
+      return False
+    key, value = spec.reference
+    return row.get(key) in value if isinstance(value, tuple) else row.get(key) == value
 
   series: dict[Any, list[tuple[Any, float, float]]] = {}
   references = []

@@ -67,9 +67,10 @@ class FeatureCache:
 
 def _feature_cut(config: ml_collections.ConfigDict, labels: Any) -> str:
   """The stage whose input data.cache_features caches (refused, naming why, if none can be)."""
-  stages = get_entry(config.model.name).stages
-  return features.cut_stage(stages, freeze.frozen_stage_count(labels, stages),
-                            config.data.augment)
+  entry = get_entry(config.model.name)
+  augmented = config.data.augment and entry.modality == 'image'  # texts are not augmented
+  return features.cut_stage(entry.stages, freeze.frozen_stage_count(labels, entry.stages),
+                            augmented)
 
 
 def _cached_features(config: ml_collections.ConfigDict, model, state: steps.TrainState,
