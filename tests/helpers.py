@@ -52,13 +52,18 @@ def small_config(**overrides):
   c.optim.update(name='sgd', lr=0.1, momentum=0.9,
                  groups=[('stem/.*', None), ('.*', {})])
   c.total_steps, c.log_every, c.checkpoint_every = 6, 2, 3
+  return set_keys(c, overrides)
+
+
+def set_keys(config, overrides):
+  """`config` with each dotted key of `overrides` set (parents must exist)."""
   for key, value in overrides.items():
-    target = c
+    target = config
     *parents, leaf = key.split('.')
-    for p in parents:
-      target = target[p]
+    for part in parents:
+      target = target[part]
     target[leaf] = value
-  return c
+  return config
 
 
 def step_parts(config, total_steps=None):

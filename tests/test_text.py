@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
-from helpers import REPO, snapshot
+from helpers import REPO, set_keys, snapshot
 
 from tljax import build, features, resolve, train
 from tljax.config import load_config_file
@@ -62,13 +62,7 @@ def text_folder(root, kind='csv', train=24, test=9):
 def text_config(path, **overrides):
   config = load_config_file(f'{REPO}/configs/tests/texts.py')
   config.data.path = str(path)
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split('.')
-    for part in parents:
-      node = node[part]
-    node[leaf] = value
-  return config
+  return set_keys(config, overrides)
 
 
 @pytest.fixture(scope='module')

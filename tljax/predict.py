@@ -184,17 +184,11 @@ def predict(predictor: Predictor, paths: list[str], top_k: int = 5, batch_size: 
 def read_text_file(path: str) -> list[str]:
   """The non-blank lines of a UTF-8 file, one text each; other bytes are an error naming the
   line."""
+  from tljax.data import text
   try:
-    with open(path, 'rb') as f:
-      data = f.read()
-  except OSError as e:
-    raise UserError(f'--file {path}: {e.strerror or e}') from None
-  try:
-    content = data.decode('utf-8-sig')
-  except UnicodeDecodeError as e:
-    line = data.count(b'\n', 0, e.start) + 1
-    raise UserError(f'--file {path}:{line}: bytes that are not UTF-8; save the file as UTF-8'
-                    ) from None
+    content = text.read_utf8(path)
+  except UserError as e:
+    raise UserError(f'--file {e}') from None
   texts = [line for line in content.splitlines() if line.strip()]
   if not texts:
     raise UserError(f'--file {path} holds no text (one text a line)')
@@ -338,13 +332,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f'skipped {len(bad)} unreadable input(s): '
           f'{", ".join(printable(p) for p in sorted(bad)[:5])}'
           + (' ...' if len(bad) > 5 else ''), file=sys.stderr)
-  print(f'# {predictor.source}: {len(paths)} image(s)')
-  for path, top in zip(paths, results, strict=True):
-    print(printable(path))
+  _print_results(f'# {predictor.source}: {len(paths)} image(s)',
+                 [printable(p) for p in paths], results, args.csv)
+
+
+def _print_results(header: str, inputs: list[str], results: list[list[tuple[str, float]]],
+                   csv_path: str | None) -> None:
+  """Each input's line, then its top classes with their probabilities."""
+  print(header)
+  for shown, top in zip(inputs, results, strict=True):
+    print(shown)
     for name, prob in top:
       print(f'  {prob:7.2%}  {name}')
-  if args.csv:
-    print(f'wrote {args.csv} ({len(paths)} rows)')
+  if csv_path:
+    print(f'wrote {csv_path} ({len(inputs)} rows)')
 
 
 def _shown(text: str, width: int = 70) -> str:
@@ -371,15 +372,10 @@ def _main_text(args: Any) -> None:
                                      args.batch_size)
   if args.csv:
     write_csv(args.csv, texts, results, args.force, first_column='text')
-  print(f'# {predictor.source}: {len(texts)} text(s)'
-        + (f', {truncated} longer than max_length={predictor.preprocessing["max_length"]} '
-           'tokens (cut to it)' if truncated else ''))
-  for line, top in zip(texts, results, strict=True):
-    print(_shown(line))
-    for name, prob in top:
-      print(f'  {prob:7.2%}  {name}')
-  if args.csv:
-    print(f'wrote {args.csv} ({len(texts)} rows)')
+  _print_results(f'# {predictor.source}: {len(texts)} text(s)'
+                 + (f', {truncated} longer than max_length='
+                    f'{predictor.preprocessing["max_length"]} tokens (cut to it)'
+                    if truncated else ''), [_shown(t) for t in texts], results, args.csv)
 
 
 if __name__ == '__main__':

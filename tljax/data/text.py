@@ -140,7 +140,7 @@ def _check_size(path: str) -> None:
                     'file may (texts are held in memory); split it')
 
 
-def _decoded(path: str) -> str:
+def read_utf8(path: str) -> str:
   """The file as UTF-8 text; other bytes are an error naming the line they are on."""
   _check_size(path)
   try:
@@ -176,7 +176,7 @@ def _checked_text(value: Any, where: str, key: str) -> str:
 
 def read_csv(path: str, text_key: str, label_key: str) -> list[tuple[str, str, str]]:
   """(text, label, 'file:line') of each row of a CSV file with a header row."""
-  content = _decoded(path)
+  content = read_utf8(path)
   rows = []
   reader = csv.reader(content.splitlines(keepends=True))
   try:
@@ -207,7 +207,7 @@ def read_csv(path: str, text_key: str, label_key: str) -> list[tuple[str, str, s
 def read_jsonl(path: str, text_key: str, label_key: str) -> list[tuple[str, str, str]]:
   """(text, label, 'file:line') of each JSON object of a JSON-lines file."""
   rows = []
-  for number, line in enumerate(_decoded(path).splitlines(), 1):
+  for number, line in enumerate(read_utf8(path).splitlines(), 1):
     where = f'{path}:{number}'
     if not line.strip():
       continue
