@@ -51,6 +51,7 @@ bench: install
 	$(PY) -m benchmarks.compile_cache
 	$(PY) -m benchmarks.input_pipeline
 	$(PY) -m benchmarks.sharding
+	$(PY) -m benchmarks.text
 	$(PY) -m benchmarks.tables --backend $(BACKEND)
 
 lint: install

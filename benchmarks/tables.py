@@ -122,6 +122,20 @@ def render(backend: str) -> str:
                    f"{cache['bytes'] / 2**20:.1f}"]]), '',
               f"Per epoch the cached probe is {epoch['speedup_per_epoch']:.0f}x faster; its "
               f"first epoch, cache included, {epoch['speedup_first_epoch_with_cache']:.1f}x."]
+  text = _load('text', backend)
+  if text:
+    parts += ['', f"### Text: {text['model']} fine-tuning, {text['max_length']} tokens, batch "
+              f"{text['batch']}, against PyTorch {text['torch']} + transformers "
+              f"{text['transformers']}", '',
+              f"On {text['machine']['cpu']} ({text['machine']['cpu_count']} cores, "
+              f"{text['machine']['device']}), median of {text['steps']} steps after "
+              f"{text['warmup']} warm-up steps; compile time apart.", '',
+              _table(['run', 'compile s', 'tljax step ms', 'tljax examples/s',
+                      'PyTorch step ms', 'PyTorch examples/s', 'tljax/PyTorch time'],
+                     [[r['preset'], f"{r['compile_s']:.1f}", f"{r['step_s'] * 1e3:.0f}",
+                       f"{r['examples_per_s']:.1f}", f"{r['torch_step_s'] * 1e3:.0f}",
+                       f"{r['torch_examples_per_s']:.1f}", f"{r['ratio_vs_torch']:.2f}"]
+                      for r in text['rows']])]
   cache = _load('compile_cache', backend)
   if cache:
     parts += ['', '### Persistent compilation cache', '',
