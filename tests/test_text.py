@@ -403,3 +403,76 @@ def test_hf_export_loads_strictly_into_transformers_bert_with_the_same_token_sta
   assert 'classifier.weight' not in load_file(out)
   with pytest.raises(UserError, match='exports to'):
     export.export(str(text_run), str(tmp_path / 'x.safetensors'), layout='torchvision')
+
+
+def test_valid_files_with_unusual_texts_are_read_as_written(tmp_path):
+  """Line separators other than \\n inside a text, quoted line breaks and a text longer than
+  Python's default CSV field limit: all are text, and later rows keep their line numbers."""
+  odd = 'goal\u2028match\x0cteam\x85player'
+  long = 'market ' * 40_000  # 280 kB in one field
+  rows = [(odd, 'sport'), ('chip "quoted",\nnetwork', 'tech'), (long, 'money'), ('', 'tech')]
+  for kind in ('csv', 'jsonl'):
+    path = tmp_path / f'train.{kind}'
+    write_split(path, rows, kind)
+    with pytest.raises(DataError, match=rf'train\.{kind}:{6 if kind == "csv" else 4}: the text'):
+      text.READERS[f'.{kind}'](str(path), 'text', 'label')  # the empty text: its true line
+    write_split(path, rows[:3], kind)
+    got = text.READERS[f'.{kind}'](str(path), 'text', 'label')
+    assert [(t, y) for t, y, _ in got] == rows[:3]
+
+
+def _tokenizer_with_ids_from(path, first_id):
+  from tokenizers import Tokenizer, models, pre_tokenizers
+  vocab = {'[PAD]': 0, '[UNK]': 1, **{w: first_id + i for i, w in
+                                      enumerate(sorted({w for ws in WORDS.values() for w in ws}))}}
+  tokenizer = Tokenizer(models.WordLevel(vocab, unk_token='[UNK]'))
+  tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+  tokenizer.save(str(path))
+  return str(path)
+
+
+def test_class_names_tokenizer_and_workdir_mismatches_are_refused_before_writing(
+    tmp_path, folder):
+  config = text_config(folder, **{'data.class_names': ('sport', 'tech', 'money', 'money'),
+                                  'model.num_classes': 4})
+  with pytest.raises(DataError, match="data.class_names holds 'money' more than once"):
+    train.run(config, str(tmp_path / 'a'))
+  config = text_config(folder, **{'data.source': 'bbc_news', 'data.path': None,
+                                  'data.class_names': tuple('abcde'), 'model.num_classes': 5})
+  with pytest.raises(DataError, match="source 'bbc_news' brings its own"):
+    train.run(config, str(tmp_path / 'b'))
+  tokenizer = _tokenizer_with_ids_from(tmp_path / 'big.json', 40_000)
+  with pytest.raises(UserError, match=r'ids up to 40,023 but model .* embeds 30,522 tokens'):
+    train.run(text_config(folder, **{'data.tokenizer': tokenizer}), str(tmp_path / 'c'))
+  assert not any((tmp_path / n).exists() for n in 'abc')
+  # A model of its own vocabulary trains with it from scratch.
+  small = _tokenizer_with_ids_from(tmp_path / 'small.json', 2)
+  results = train.run(text_config(folder, **{'data.tokenizer': small, 'model.vocab_size': 26,
+                                             'total_steps': 2}), str(tmp_path / 'd'))
+  assert results['final_step'] == 2
+
+
+def test_resuming_on_relabelled_data_or_into_a_baseline_workdir_is_refused(tmp_path):
+  root = text_folder(tmp_path / 'data')
+  workdir = str(tmp_path / 'run')
+  train.run(text_config(root, total_steps=3), workdir)
+  for split in ('train', 'test'):
+    path = os.path.join(root, f'{split}.csv')
+    with open(path) as f:
+      content = f.read().replace(',sport', ',athletics')
+    with open(path, 'w') as f:
+      f.write(content)
+  before = snapshot(workdir)
+  with pytest.raises(UserError, match=r"other classes than the data now has \(0: 'money' -> "
+                                      r"'athletics'"):
+    train.run(text_config(root, total_steps=6), workdir)
+  assert snapshot(workdir) == before
+
+  fitted = str(tmp_path / 'tfidf')
+  train.run(text_config(root, baseline='tfidf_logreg'), fitted)
+  before = snapshot(fitted)
+  with pytest.raises(UserError, match='holds a tfidf_logreg baseline, not a training run'):
+    train.run(text_config(root), fitted)
+  run = _predict('--workdir', fitted, '--text', 'goal match')
+  assert run.returncode == 2 and 'holds a tfidf_logreg baseline' in run.stderr, run.stderr
+  assert snapshot(fitted) == before

@@ -79,6 +79,9 @@ def export(workdir: str, out: str, step: str | int = 'best', layout: str = 'tlja
   partial = f'{out}.partial'
   try:
     save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, partial, metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(partial, 0o666 & ~umask)  # as any file the user writes, not private
     os.replace(partial, out)
   except Exception as e:  # noqa: BLE001 (OSError, or safetensors' own error for a failed write)
     if os.path.exists(partial):
@@ -102,7 +105,9 @@ def main(argv: Sequence[str] | None = None) -> None:
   except UserError as e:
     print('error: ' + ' '.join(str(e).splitlines()), file=sys.stderr)
     sys.exit(2)
-  print(f'wrote {args.out}: step {metadata["step"]} of {args.workdir}, {args.layout} layout')
+  print(f'wrote {args.out}: step {metadata["step"]} of {args.workdir}, {args.layout} layout'
+        + (' (the encoder: the classifier head has no BertModel key; --layout tljax keeps it)'
+           if args.layout == 'hf' else ''))
 
 
 if __name__ == '__main__':

@@ -205,8 +205,12 @@ def predict_texts(predictor: Predictor, workdir: str, texts: list[str], top_k: i
 
   from tljax import saved_model
   from tljax.data import text
-  tokenizer = text.load_tokenizer(os.path.join(workdir, saved_model.TOKENIZER_FILE),
-                                  int(predictor.preprocessing['max_length']))
+  path = os.path.join(workdir, saved_model.TOKENIZER_FILE)
+  try:
+    tokenizer = text.load_tokenizer(path, int(predictor.preprocessing['max_length']))
+  except UserError as e:
+    raise UserError(f'{str(e).replace(" (data.tokenizer)", "")}; the run copied its '
+                    f'data.tokenizer to {path}: copy it there again') from None
   apply = jax.jit(lambda variables, *inputs: jax.nn.softmax(
       predictor.model.apply(variables, *inputs, train=False), axis=-1))
   k = min(top_k, len(predictor.class_names))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from typing import Any
 
 import ml_collections
 import numpy as np
@@ -57,6 +58,27 @@ def _with_zoo_defaults(config: ml_collections.ConfigDict) -> ml_collections.Conf
   return config
 
 
+def model_value(config: ml_collections.ConfigDict, key: str) -> Any:
+  """model.<key> as the model is built: the config's value, else the constructor's default."""
+  value = config.model.get(key)
+  if value is None:
+    value = inspect.signature(get_entry(config.model.name).build).parameters[key].default
+  return value
+
+
+def check_tokenizer_fits(config: ml_collections.ConfigDict) -> None:
+  """Every token id of data.tokenizer has a row in the model's embedding table (an id past it
+  would read garbage, not fail)."""
+  from tljax.data import text
+  tokenizer = text.load_tokenizer(config.data.tokenizer, config.data.max_length)
+  ids, rows = tokenizer.id_count, model_value(config, 'vocab_size')
+  if ids > rows:
+    raise UserError(f'tokenizer {config.data.tokenizer} (data.tokenizer) has token ids up to '
+                    f'{ids - 1:,} but model {config.model.name!r} embeds {rows:,} tokens '
+                    '(model.vocab_size); use the tokenizer of the pretrained weights, or set '
+                    f'model.vocab_size to at least {ids:,} for a model trained from scratch')
+
+
 def _check_text(config: ml_collections.ConfigDict) -> None:
   """A text model needs a tokenizer, and no more tokens than it has positions."""
   entry = get_entry(config.model.name)
@@ -66,9 +88,7 @@ def _check_text(config: ml_collections.ConfigDict) -> None:
     raise UserError(f'model {config.model.name!r} reads text: set data.tokenizer to an HF '
                     'tokenizer.json, or init.pretrained to a source that brings one '
                     f'({", ".join(zoo.TOKENIZERS)} or a tljax workdir of a text run)')
-  positions = config.model.get('max_positions')
-  if positions is None:
-    positions = inspect.signature(entry.build).parameters['max_positions'].default
+  positions = model_value(config, 'max_positions')
   if config.data.max_length > positions:
     raise UserError(f'data.max_length={config.data.max_length} is more than the '
                     f'{positions} positions of model {config.model.name!r} '

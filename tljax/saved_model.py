@@ -90,6 +90,9 @@ def read_record(workdir: str) -> dict[str, Any]:
       config = ml_collections.ConfigDict(json.load(f))
   except (OSError, ValueError, TypeError) as e:
     raise UserError(f'{path} cannot be read ({type(e).__name__}: {str(e)[:100]})') from None
+  if config.get('baseline'):
+    raise UserError(f'{workdir} holds a {config.baseline} baseline (scikit-learn, results only), '
+                    'not a trained model: predict and export need the workdir of a training run')
   from tljax import config as config_lib
   try:
     return make_record(config_lib.resolve(config), None)

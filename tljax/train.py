@@ -174,6 +174,22 @@ def _check_schedule_kept(config: ml_collections.ConfigDict, workdir: str, total_
         f'--config.optim.schedule.steps={earlier}; or pass --fresh to start over')
 
 
+def _check_classes_kept(workdir: str, class_names: list[str] | None) -> None:
+  """A resumed run must see the classes its checkpoints learnt, in the same order: data whose
+  labels changed under the same data.path would silently give the outputs new meanings."""
+  if not os.path.isfile(os.path.join(workdir, saved_model.RECORD_FILE)):
+    return
+  saved = saved_model.read_record(workdir).get('class_names')
+  if saved is not None and class_names is not None and list(saved) != list(class_names):
+    pairs = enumerate(zip(saved, class_names, strict=False))
+    changed = ([f'{i}: {a!r} -> {b!r}' for i, (a, b) in pairs if a != b]
+               or [f'{len(saved)} -> {len(class_names)} classes'])
+    raise workdir_lib.WorkdirError(
+        f'{workdir} holds checkpoints trained on other classes than the data now has '
+        f'({"; ".join(changed[:3])}); resuming would give the outputs new meanings. Restore '
+        'the data, use another workdir, or pass --fresh to move the earlier run aside')
+
+
 def _finished(results: dict[str, Any], workdir: str, step: int) -> dict[str, Any]:
   if jax.process_index() == 0:
     print(f'{workdir} already finished: its results.json holds step {step}; nothing to do (raise '
@@ -218,6 +234,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str, source: sources.Source
     raise UserError(f'model {config.model.name!r} reads {entry.modality} but the data source '
                     f'gives {source.modality} examples; choose a model or a source to match')
   train_examples = pipeline.check_splits(source, config.data, config.model.num_classes)
+  if entry.modality == 'text':
+    resolve.check_tokenizer_fits(config)
   truncated = (pipeline.truncated_counts(source, config.data)
                if entry.modality == 'text' else None)
   if truncated and any(c['truncated'] for c in truncated.values()) and is_main:
@@ -259,9 +277,15 @@ def _run(config: ml_collections.ConfigDict, workdir: str, source: sources.Source
   with workdir_lib.lock(workdir), preemption.StopRequests() as stop:
     if not fresh:  # --fresh moves whatever is there aside, damaged or not
       workdir_lib.check_run_files(workdir)
+      baseline = (workdir_lib.saved_config(workdir) or {}).get('baseline')
+      if baseline:
+        raise workdir_lib.WorkdirError(
+            f'{workdir} holds a {baseline} baseline, not a training run; use another workdir, '
+            'or pass --fresh to move it aside')
     if not fresh and checkpoint.has_checkpoints(workdir):
       workdir_lib.check_resumable(workdir, config_json,
                                   config_lib.base_config().to_json_best_effort())
+      _check_classes_kept(workdir, class_names)
     abstract_state = runner.abstract_state(state)
     resume = (checkpoint.Resume() if fresh else
               checkpoint.restore_newest(workdir, abstract_state))

@@ -543,6 +543,9 @@ def make_source(config: Mapping[str, Any], modality: str = 'image') -> Source:
             f'{"reads images" if modality == "text" else "reads text"}') if kind in other else ''
     raise DataError(f'data.source must be one of {", ".join(map(repr, table))} for a model that '
                     f'{what}, got {kind!r}{hint}')
+  if config.get('class_names') and kind not in ('csv', 'jsonl'):
+    raise DataError(f'data.class_names names the classes of csv and jsonl files; source {kind!r} '
+                    'brings its own: unset it (data.classes picks a subset)')
   source = table[kind](config)
   if config.get('classes'):
     source = ClassSubset(source, config['classes'])

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import functools
 import importlib.util
+import io
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -55,6 +56,8 @@ class Tokenizer:
     tokenizer.enable_padding(length=self.max_length, pad_id=pad_id or 0, pad_token=pad_token,
                              pad_type_id=padding.get('pad_type_id', 0))
     self.tokenizer = tokenizer
+    # Ids need not be contiguous: the table a model embeds them in needs max id + 1 rows.
+    self.id_count = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1) + 1
 
   def encode(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
     """`INPUT_KEYS` arrays (N, max_length) int32, and `truncated` (N,) bool: texts with more
@@ -178,7 +181,10 @@ def read_csv(path: str, text_key: str, label_key: str) -> list[tuple[str, str, s
   """(text, label, 'file:line') of each row of a CSV file with a header row."""
   content = read_utf8(path)
   rows = []
-  reader = csv.reader(content.splitlines(keepends=True))
+  # Lines end at \n (or \r\n) only: U+2028, form feeds and the like are text, and a field may
+  # be as long as the file may be.
+  csv.field_size_limit(max(csv.field_size_limit(), MAX_TEXT_FILE_BYTES))
+  reader = csv.reader(io.StringIO(content, newline=''))
   try:
     header = next(reader, None)
     if not header:
@@ -207,7 +213,7 @@ def read_csv(path: str, text_key: str, label_key: str) -> list[tuple[str, str, s
 def read_jsonl(path: str, text_key: str, label_key: str) -> list[tuple[str, str, str]]:
   """(text, label, 'file:line') of each JSON object of a JSON-lines file."""
   rows = []
-  for number, line in enumerate(read_utf8(path).splitlines(), 1):
+  for number, line in enumerate(read_utf8(path).split('\n'), 1):  # JSON Lines: \n ends a line
     where = f'{path}:{number}'
     if not line.strip():
       continue
@@ -259,6 +265,10 @@ def file_source(path: str, kind: str, text_key: str, label_key: str, train_split
   if class_names:
     classes = [str(c) for c in class_names]
     origin = 'data.class_names'
+    twice = sorted({c for c in classes if classes.count(c) > 1})
+    if twice:
+      raise DataError(f'data.class_names holds {", ".join(map(repr, twice))} more than once; '
+                      'name each class once')
   elif train_split in rows:
     if not rows[train_split]:
       raise DataError(f'{files[train_split]}: no rows, so split {train_split!r} is empty; the '
