@@ -476,3 +476,24 @@ def test_resuming_on_relabelled_data_or_into_a_baseline_workdir_is_refused(tmp_p
   run = _predict('--workdir', fitted, '--text', 'goal match')
   assert run.returncode == 2 and 'holds a tfidf_logreg baseline' in run.stderr, run.stderr
   assert snapshot(fitted) == before
+
+
+@pytest.mark.slow
+def test_a_tfds_text_dataset_trains_by_name(tmp_path):
+  """ag_news_subset through tfds.testing.mock_data (no download): its texts, class names and
+  labels reach the run as TFDS gives them."""
+  import tensorflow_datasets as tfds
+  keys = {'data.source': 'tfds', 'data.name': 'ag_news_subset', 'data.text_key': 'description',
+          'data.train_split': 'train', 'data.eval_split': 'test', 'model.num_classes': 4,
+          'total_steps': 2}
+  with tfds.testing.mock_data(num_examples=12):
+    source = text.TfdsTextSource('ag_news_subset', None, 'description', 'label')
+    expected = [(e['description'].decode(), int(e['label'])) for e in
+                tfds.as_numpy(tfds.load('ag_news_subset', split='train'))]
+    assert list(zip(source.texts('train'), source.labels('train').tolist(),
+                    strict=True)) == expected
+    results = train.run(text_config('', **keys), str(tmp_path / 'run'))
+  assert source.class_names == ['World', 'Sports', 'Business', 'Sci/Tech']
+  assert results['modality'] == 'text' and results['train_examples'] == 12
+  record = json.loads((tmp_path / 'run' / 'model.json').read_text())
+  assert record['class_names'] == source.class_names
