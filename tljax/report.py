@@ -157,8 +157,11 @@ def plot(rows: Sequence[Mapping[str, Any]], spec: PlotSpec, path: str, title: st
     text = 'all' if value is None else str(value)
     label = f'{spec.series_label} = {text}' if spec.series_label else text
     axes.errorbar(xs, ys, yerr=errors, marker='o', capsize=3, color=colors[value], label=label)
+  kinds = {row['variant']: row.get(spec.reference[0]) for row in rows} if spec.reference else {}
+  styles: dict[Any, str] = {}  # one line style per kind of reference (e.g. scratch, a baseline)
   for name, value, y in references:
-    axes.axhline(y, linestyle='--', color=colors.get(value, 'gray'), label=name)
+    style = styles.setdefault(kinds.get(name), ('--', ':', '-.')[len(styles) % 3])
+    axes.axhline(y, linestyle=style, color=colors.get(value, 'gray'), label=name)
   axes.set_xlabel(spec.x_label)
   axes.set_ylabel(f'test {spec.y.replace("_", " ")} (%)')
   if title:
