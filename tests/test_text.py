@@ -4,6 +4,7 @@ devices, predict and export."""
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -467,6 +468,13 @@ def test_resuming_on_relabelled_data_or_into_a_baseline_workdir_is_refused(tmp_p
                                       r"'athletics'"):
     train.run(text_config(root, total_steps=6), workdir)
   assert snapshot(workdir) == before
+  unfinished = tmp_path / 'unfinished'  # as a run killed before its end leaves it
+  shutil.copytree(workdir, unfinished)
+  os.remove(unfinished / 'results.json')
+  before = snapshot(unfinished)
+  with pytest.raises(UserError, match='holds a training run, not a tfidf_logreg baseline'):
+    train.run(text_config(root, baseline='tfidf_logreg'), str(unfinished))
+  assert snapshot(unfinished) == before
 
   fitted = str(tmp_path / 'tfidf')
   train.run(text_config(root, baseline='tfidf_logreg'), fitted)

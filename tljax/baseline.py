@@ -134,6 +134,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, source: sources.Source 
     return earlier
   if not fresh:
     workdir_lib.check_run_files(workdir)
+    saved = workdir_lib.saved_config(workdir)
+    if saved is not None and not saved.get('baseline'):  # a training run, finished or not
+      raise workdir_lib.WorkdirError(
+          f'{workdir} holds a training run, not a {config.baseline} baseline; use another '
+          'workdir, or pass --fresh to move it aside')
   results = fit_tfidf_logreg(config, source)  # nothing is written until the fit succeeded
   with workdir_lib.lock(workdir):
     if fresh:

@@ -103,8 +103,7 @@ def _probe_inputs(config: ml_collections.ConfigDict, count: int) -> list[jax.Arr
   rng = np.random.default_rng(0)
   if get_entry(config.model.name).modality == 'text':
     length = config.data.max_length
-    vocab = config.model.get('vocab_size') or 1000
-    ids = rng.integers(1, min(vocab, 1000), (count, length))
+    ids = rng.integers(1, min(resolve.model_value(config, 'vocab_size'), 1000), (count, length))
     return [jnp.asarray(ids, jnp.int32), jnp.ones((count, length), jnp.int32),
             jnp.zeros((count, length), jnp.int32)]
   size, channels = config.data.image_size, config.data.channels
