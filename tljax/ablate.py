@@ -18,7 +18,7 @@ from typing import Any
 
 import ml_collections
 
-from tljax import cli, console, preemption, report, resolve
+from tljax import build, cli, console, preemption, report, resolve
 from tljax import config as config_lib
 from tljax import workdir as workdir_lib
 from tljax.errors import PREEMPTED_EXIT_CODE, Preempted, UserError, exit_status
@@ -43,6 +43,8 @@ def run_sweep(sweep: Sweep, sweep_dir: str) -> list[dict[str, Any]]:
   for variant in variants:
     try:
       configs.append(resolve.resolve_config(variant_config(base, variant)))
+      if _has_strategy(configs[-1]):  # checked on the parameters' shapes, nothing loaded
+        build.check(configs[-1])
     except UserError as e:
       message = str(e)
       raise UserError(message if message.startswith('sweep variant') else
@@ -65,6 +67,13 @@ def run_sweep(sweep: Sweep, sweep_dir: str) -> list[dict[str, Any]]:
     print(f'[{index}/{len(variants)}] {variant.name}: {variant.overrides}', flush=True)
     train.run(config, workdir)
   return write_results(sweep, sweep_dir, variants)
+
+
+def _has_strategy(config: ml_collections.ConfigDict) -> bool:
+  """Whether a variant sets a key that only the parameters' paths can check (LoRA targets,
+  an unfreezing schedule against the model's stages, L2-SP without weights)."""
+  return bool(config.lora.rank or config.lora.targets or config.optim.l2sp
+              or config.freeze.unfreeze_every is not None or config.freeze.unfreeze is not None)
 
 
 def write_results(sweep: Sweep, sweep_dir: str, variants: Sequence[Variant]
@@ -133,3 +142,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 if __name__ == '__main__':
   main()
+

@@ -168,8 +168,9 @@ def _drop_orbax_noise() -> None:
 
 def restore_newest(workdir: str, like: Any = None, only: int | None = None) -> Resume:
   """The newest checkpoint in `workdir` that restores completely into `like` (abstract arrays
-  with target shardings; None: as saved, on this process's first device), passing over damaged
-  ones; nothing is written or moved here. `only`: that step or none."""
+  with target shardings, or a function of the step giving them, for states whose structure
+  changes with the step; None: as saved, on this process's first device), passing over
+  damaged ones; nothing is written or moved here. `only`: that step or none."""
   directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
   resume = Resume()
   check_metrics_files(directory)
@@ -203,8 +204,9 @@ def restore_newest(workdir: str, like: Any = None, only: int | None = None) -> R
           abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype,
                                                                  sharding=first_device), metadata)
         else:
-          _check_fits(metadata, like, where)
-          abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+          target = like(step) if callable(like) else like
+          _check_fits(metadata, target, where)
+          abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
         try:
           state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
         except Exception as e:  # noqa: BLE001

@@ -146,6 +146,14 @@ def base_config() -> ml_collections.ConfigDict:
       # match wins; rule None freezes, a dict may set lr_mult and wd_mult (tljax.freeze)
       groups=[('.*', {})],
       grad_accum_steps=1,  # split each batch into this many sequential microbatches
+      # Layer-wise learning-rate decay in (0, 1]: a leaf of stage i (of the model's STAGES)
+      # learns at layer_decay**(stages between it and the head) times its group's rate, written
+      # out as one group per (group, stage) (tljax.freeze.decay_groups); unset: off
+      layer_decay=placeholder(float),
+      # L2-SP strength (Li et al. 2018): adds l2sp * (w - w_pretrained) to the gradient of every
+      # trainable pretrained leaf, instead of weight decay towards zero (weight_decay then
+      # applies only to leaves without a pretrained start, e.g. the head); 0: off
+      l2sp=0.0,
   )
   # Named freeze depth instead of optim.groups; tljax.resolve.resolve_config writes it out as
   # optim.groups.
@@ -154,6 +162,23 @@ def base_config() -> ml_collections.ConfigDict:
       # the model's STAGES frozen); unset: optim.groups as given
       preset=placeholder(str),
       head_lr_mult=1.0,  # learning-rate multiplier of the head (the last stage) under a preset
+      # Gradual unfreezing (ULMFiT): start as a linear probe and unfreeze one more stage, from
+      # the top, every this many steps until the preset's (or optim.groups') depth is reached;
+      # unset: off. Or list the boundaries in `unfreeze`.
+      unfreeze_every=placeholder(int),
+      # Gradual unfreezing by explicit boundaries: ((step, stage), ...) with increasing steps;
+      # after `step`, `stage` and every stage above it train (tljax.unfreeze)
+      unfreeze=placeholder(tuple),
+  )
+  # Low-rank adapters (LoRA, Hu et al. 2021) on matrix kernels: A (random) and B (zero) in their
+  # own `lora/` subtree of the parameters; the adapted kernels are frozen (tljax.lora).
+  c.lora = dict(
+      rank=0,  # the adapters' rank r; 0: no adapters
+      alpha=8.0,  # the adapters' output is scaled by alpha / rank
+      # Regexes fullmatched on kernel paths, e.g. r'.*_conv/kernel' (Dense, 1x1 convolution or
+      # attention projection kernels)
+      targets=(),
+      dropout=0.0,  # dropout on the adapters' input in training
   )
   # Extra eval accuracies over merged classes, e.g. {'binary': ((0, 1), (2, 3))}, reported as
   # accuracy_<name>. Free-form: one key per grouping; none by default.
@@ -208,7 +233,7 @@ def _check(user: Any, defaults: Any, prefix: str) -> None:
 def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The defaults updated with `config`; unknown keys raise ConfigError naming them."""
   defaults = base_config()
-  for section in ('model', 'init', 'data', 'optim', 'freeze', 'sharding'):
+  for section in ('model', 'init', 'data', 'optim', 'freeze', 'lora', 'sharding'):
     value = config.get(section) if hasattr(config, 'get') else None
     if section in config and not isinstance(value, (dict, ml_collections.ConfigDict)):
       raise ConfigError(f'config key {section!r} must be a section (a dict of keys), got '
@@ -442,6 +467,13 @@ VALUE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     'optim.schedule.end_factor': _number(0),
     'optim.schedule.decay_factor': _positive_number(),
     'freeze.head_lr_mult': _number(0),
+    'optim.layer_decay': ((lambda v: v is None or (_is_number(v) and 0 < v <= 1)),
+                          'None (off) or a number in (0, 1]'),
+    'optim.l2sp': _number(0),
+    'freeze.unfreeze_every': _optional(_integer(1, MAX_STEPS)),
+    'lora.rank': _integer(0),
+    'lora.alpha': _positive_number(),
+    'lora.dropout': _number(0, 1, high_open=True),
     'total_steps': _integer(1, MAX_STEPS),
     'total_epochs': _optional(_positive_number()),
     'log_every': _integer(1),

@@ -1,7 +1,7 @@
 """A fine-tuned run's variables as one .safetensors file, for use outside its workdir.
 
   python -m tljax.export --workdir DIR --out FILE.safetensors [--step best|last|N]
-                         [--layout tljax|torchvision|hf] [--force]
+                         [--layout tljax|torchvision|hf] [--merge-lora] [--force]
 
 Layout 'tljax' (the default) stores the parameters and BatchNorm statistics under their Flax
 paths (`params/stem/conv/kernel`); `tljax.create(name, num_classes=N, pretrained=FILE)` and
@@ -13,6 +13,8 @@ in the metadata (`hf_config`): `BertModel(BertConfig(**hf_config), add_pooling_l
 'cls'>)` loads it strictly; the classification head is not part of BertModel (the tljax layout
 keeps it). Either way the file's metadata holds the class names, the preprocessing and the
 model config (JSON strings).
+A run with LoRA adapters keeps them under `params/lora/` (tljax layout); --merge-lora folds them
+into their kernels (W + alpha/r * A @ B), which the other layouts need and `tljax.create` reads.
 Nothing is written over an existing file without --force, and a file is written whole or not
 at all. Exit status: 0 done, 2 bad input.
 """
@@ -59,17 +61,22 @@ def tensors(variables: dict[str, Any], model_name: str, layout: str) -> dict[str
 
 
 def export(workdir: str, out: str, step: str | int = 'best', layout: str = 'tljax',
-           force: bool = False) -> dict[str, str]:
-  """Writes checkpoint `step` of `workdir` to `out` in `layout`; returns the metadata."""
+           force: bool = False, merge_lora: bool = False) -> dict[str, str]:
+  """Writes checkpoint `step` of `workdir` to `out` in `layout`; returns the metadata. LoRA
+  adapters stay apart (`params/lora/...`, tljax layout only) unless `merge_lora`."""
   from safetensors.numpy import save_file
 
   from tljax import saved_model
   if layout not in LAYOUTS:
     raise UserError(f'--layout {layout!r} must be one of {", ".join(LAYOUTS)}')
   check_output(out, force)
-  model, variables, record = saved_model.load(workdir, step)
+  model, variables, record = saved_model.load(workdir, step, merge_lora=merge_lora)
+  if 'lora' in variables['params'] and layout != 'tljax':
+    raise UserError(f'{workdir} trained LoRA adapters, which the {layout} layout has no place '
+                    'for; add --merge-lora to fold them into their kernels')
   arrays = tensors(variables, record['model']['name'], layout)
   metadata = dict(format='tljax', layout=layout, step=str(record['step']),
+                  lora=json.dumps(None if merge_lora else record.get('lora')),
                   model=json.dumps(record['model']),
                   class_names=json.dumps(record.get('class_names')),
                   preprocessing=json.dumps(record['preprocessing']))
@@ -99,9 +106,12 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument('--step', default='best', help="'best', 'last' or a step number")
   parser.add_argument('--layout', default='tljax', choices=LAYOUTS)
   parser.add_argument('--force', action='store_true', help='replace an existing --out file')
+  parser.add_argument('--merge-lora', action='store_true',
+                      help='fold LoRA adapters into their kernels (W + alpha/r * A @ B)')
   args = parser.parse_args(argv)
   try:
-    metadata = export(args.workdir, args.out, args.step, args.layout, args.force)
+    metadata = export(args.workdir, args.out, args.step, args.layout, args.force,
+                      args.merge_lora)
   except UserError as e:
     print('error: ' + ' '.join(str(e).splitlines()), file=sys.stderr)
     sys.exit(2)

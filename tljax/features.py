@@ -100,7 +100,9 @@ def check_deterministic(model: nn.Module, variables: Any, inputs: Sequence[jax.A
   in_train = prefix_features(model, variables, inputs, module_name, train=True,
                              rngs={'dropout': jax.random.key(1)})
   if not np.allclose(np.asarray(in_eval), np.asarray(in_train), rtol=1e-5, atol=1e-6):
-    fix = ('--config.model.dropout=0.0' if isinstance(getattr(model, 'dropout', None), float)
+    fix = ('--config.lora.dropout=0.0 (adapters before the cut)'
+           if getattr(model, 'lora_dropout', 0.0) else
+           '--config.model.dropout=0.0' if isinstance(getattr(model, 'dropout', None), float)
            else "the model's dropout before that stage to 0")
     raise CacheError(f'data.cache_features: the frozen layers before stage {module_name!r} '
                      f'are random in training (dropout); set {fix}, or turn caching off '

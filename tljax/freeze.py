@@ -145,7 +145,20 @@ def stage_groups(stages: Sequence[str], frozen_stages: int,
   return groups
 
 
-PRESETS = ('full', 'linear_probe', 'scratch', 'stages:K')
+PRESETS = ('full', 'linear_probe', 'scratch', 'stages:K', 'bitfit', 'norm')
+
+# Normalisation layers' parameters: every tljax model names its BatchNorm and LayerNorm modules
+# `*bn*`, `*norm*` or `ln<N>` (tests/test_strategies.py holds each registered model to it).
+NORM_PARAMS = r'(.*/)?(\w*bn\d*|\w*norm\d*|ln\d*)/(scale|bias)'
+BIASES = r'(.*/)?bias'
+
+
+def _tuning_groups(preset: str, stages: Sequence[str], head_rule: Mapping[str, float]
+                   ) -> list[tuple[str, Any]]:
+  """BitFit (Ben Zaken et al. 2022: every bias and the normalisation parameters) or norm-only
+  tuning: those leaves and the head train, everything else is frozen."""
+  trained = NORM_PARAMS if preset == 'norm' else f'{BIASES}|{NORM_PARAMS}'
+  return [(f'{re.escape(stages[-1])}/.*', dict(head_rule)), (trained, {}), ('.*', None)]
 
 
 def preset_groups(preset: str, stages: Sequence[str], head_lr_mult: float = 1.0
@@ -153,8 +166,13 @@ def preset_groups(preset: str, stages: Sequence[str], head_lr_mult: float = 1.0
   """`optim.groups` for a named freeze depth, so common configs need no regex.
 
   'full' and 'scratch' train everything (scratch also drops the pretrained init, in train.py),
-  'linear_probe' trains only the head, 'stages:K' freezes the first K of the model's STAGES.
+  'linear_probe' trains only the head, 'stages:K' freezes the first K of the model's STAGES,
+  'bitfit' and 'norm' train the biases and normalisation parameters (or the latter only) and
+  the head.
   """
+  if preset in ('bitfit', 'norm'):
+    return _tuning_groups(preset, stages, dict(lr_mult=head_lr_mult) if head_lr_mult != 1.0
+                          else {})
   if preset in ('full', 'scratch'):
     frozen = 0
   elif preset == 'linear_probe':
@@ -183,6 +201,39 @@ def preset_line(preset: str | None, stages: Sequence[str], model_name: str) -> s
 def stage_patterns(stages: Sequence[str]) -> str:
   """One regex matching every parameter path under any of `stages`."""
   return '({})/.*'.format('|'.join(re.escape(s) for s in stages))
+
+
+def stage_of(path: str, stages: Sequence[str]) -> int | None:
+  """Index in `stages` of the stage a parameter path lies under (an adapter under `lora/` lies
+  under its kernel's stage); None for a path under no stage."""
+  parts = path.split('/')
+  if parts[0] == 'lora':
+    parts = parts[1:]
+  return next((i for i, stage in enumerate(stages) if parts[0] == stage), None)
+
+
+def decay_groups(groups: Sequence[Group], params: Mapping[str, Any], stages: Sequence[str],
+                 decay: float) -> list[Group]:
+  """Layer-wise learning-rate decay written out as groups: each trainable group splits into one
+  group per stage whose leaves it takes, with lr_mult times decay**(stages from it to the head,
+  the head itself 0). Frozen groups, and leaves under no stage, keep their group as it is."""
+  assigned = assign_groups(params, groups)
+  result: list[Group] = []
+  for group in groups:
+    taken = [path for path, g in assigned.items() if g.index == group.index]
+    if group.frozen:
+      result.append(dataclasses.replace(group, index=len(result)))
+      continue
+    by_stage = {stage_of(path, stages) for path in taken}
+    for index in sorted((i for i in by_stage if i is not None), reverse=True):
+      stage = re.escape(stages[index])
+      pattern = (f'(lora/)?{stage}/.*' if group.pattern == '.*' else
+                 f'(?=(lora/)?{stage}/)(?:{group.pattern})')
+      result.append(Group(len(result), pattern,
+                          group.lr_mult * decay ** (len(stages) - 1 - index), group.wd_mult))
+    if None in by_stage:  # leaves under no stage: the group's own rule
+      result.append(dataclasses.replace(group, index=len(result)))
+  return result
 
 
 def frozen_stage_count(labels: Mapping[str, Any], stages: Sequence[str]) -> int:

@@ -10,7 +10,7 @@ from typing import Any
 
 TIME_KEYS = ('wall_time_s', 'median_step_time_s')
 COPIED_KEYS = ('preset', 'frozen_stages', 'trainable_params', 'examples_per_class',
-               'train_examples', 'final_step', 'selected_step')
+               'train_examples', 'final_step', 'selected_step', 'optimizer_state_bytes')
 # Scores a table reports: test ones of the selected checkpoint (the last without a validation
 # split), and with one the validation scores that selected it (as val_<key>).
 SCORE_PREFIXES = ('accuracy', 'balanced_accuracy')
@@ -28,6 +28,9 @@ class PlotSpec:
   x_label: str = 'frozen stages (from the input)'
   series_label: str = 'examples per class'
   series_values: tuple | None = None  # draw only these series, in this order (None: all)
+  x_log: bool = False  # a logarithmic x axis (e.g. trainable parameters)
+  lines: bool = True  # join a series' points (False: points only, when x is no progression)
+  annotate: str | None = None  # a row key written beside each point (e.g. 'strategy')
 
 
 def _scores(results: Mapping[str, Any]) -> dict[str, float]:
@@ -90,6 +93,13 @@ def _percent(row: Mapping[str, Any], key: str) -> str:
   return text + (f' ± {100 * row[f"{key}_std"]:.2f}' if row['seeds'] > 1 else '')
 
 
+def _size(count: int | None) -> str:
+  """Bytes as KiB or MiB ('-' when a run did not record them, e.g. a classical baseline)."""
+  if count is None:
+    return '-'
+  return f'{count / 2**20:.2f} MiB' if count >= 2**20 else f'{count / 2**10:.1f} KiB'
+
+
 def markdown_table(rows: Sequence[Mapping[str, Any]], missing: int = 0,
                    published: Sequence[tuple[str, Mapping[str, float]]] = ()) -> str:
   """The results table: accuracies in percent as mean ± std over seeds (validation columns,
@@ -98,7 +108,7 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], missing: int = 0,
   accuracy_keys = _accuracy_keys(rows)
   header = ['variant', 'frozen stages', 'trainable params', 'examples/class', 'seeds']
   header += [_column(k) for k in accuracy_keys]
-  header += ['train wall time', 'median step']
+  header += ['train wall time', 'median step', 'optimizer state']
   lines = ['| ' + ' | '.join(header) + ' |', '|' + ' --- |' * len(header)]
   for row in rows:
     cells = [row['variant'], '-' if row['frozen_stages'] is None else str(row['frozen_stages']),
@@ -107,12 +117,13 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], missing: int = 0,
              str(row['seeds'])]
     cells += [_percent(row, k) for k in accuracy_keys]
     cells += ['-' if row['wall_time_s'] is None else f'{row["wall_time_s"]:.0f} s',
-              '-' if row['median_step_time_s'] is None else f'{row["median_step_time_s"]:.3f} s']
+              '-' if row['median_step_time_s'] is None else f'{row["median_step_time_s"]:.3f} s',
+              _size(row.get('optimizer_state_bytes'))]
     lines.append('| ' + ' | '.join(cells) + ' |')
   for label, accuracies in published:
     cells = [f'*{label}*', '', '', '', '']
     cells += [f'*{100 * accuracies[k]:.2f}*' if k in accuracies else '' for k in accuracy_keys]
-    lines.append('| ' + ' | '.join(cells + ['', '']) + ' |')
+    lines.append('| ' + ' | '.join(cells + ['', '', '']) + ' |')
   if missing:
     lines.append(f'\n{missing} variant(s) not finished yet.')
   return '\n'.join(lines)
@@ -156,7 +167,16 @@ def plot(rows: Sequence[Mapping[str, Any]], spec: PlotSpec, path: str, title: st
     colors[value] = f'C{index}'
     text = 'all' if value is None else str(value)
     label = f'{spec.series_label} = {text}' if spec.series_label else text
-    axes.errorbar(xs, ys, yerr=errors, marker='o', capsize=3, color=colors[value], label=label)
+    axes.errorbar(xs, ys, yerr=errors, marker='o', capsize=3, color=colors[value], label=label,
+                  linestyle='-' if spec.lines else 'none')
+  if spec.annotate:
+    drawn = {row['variant']: row for row in rows if row.get(spec.series) in series
+             and row['variant'] not in {name for name, _, _ in references}}
+    for row in drawn.values():
+      axes.annotate(str(row.get(spec.annotate)), (row[spec.x], 100 * row[f'{spec.y}_mean']),
+                    textcoords='offset points', xytext=(4, 3), fontsize=7)
+  if spec.x_log:
+    axes.set_xscale('log')
   kinds = {row['variant']: row.get(spec.reference[0]) for row in rows} if spec.reference else {}
   styles: dict[Any, str] = {}  # one line style per kind of reference (e.g. scratch, a baseline)
   for name, value, y in references:

@@ -63,7 +63,9 @@ def make_record(config: ml_collections.ConfigDict, class_names: Sequence[str] | 
         std=list(data.std or preprocess.IMAGENET_STD))
   return dict(model=config.model.to_dict(), class_names=names, preprocessing=preprocessing,
               select=(dict(config.select) if sources.validation_split(data) is not None
-                      else None))
+                      else None),
+              lora=(dict(rank=config.lora.rank, alpha=config.lora.alpha)
+                    if config.lora.rank else None))
 
 
 def read_record(workdir: str) -> dict[str, Any]:
@@ -153,11 +155,14 @@ def _warn_if_not_reported(workdir: str, best: int) -> None:
           flush=True)
 
 
-def load(workdir: str, step: str | int = 'best') -> tuple[Any, dict[str, Any], dict[str, Any]]:
+def load(workdir: str, step: str | int = 'best', merge_lora: bool = True
+         ) -> tuple[Any, dict[str, Any], dict[str, Any]]:
   """(model, variables {'params', 'batch_stats'}, record) of a tljax workdir's checkpoint
   `step`: 'best' (selected on the validation split; the last without one), 'last' or a step
-  number. `record` is model.json with the restored 'step' added."""
-  from tljax import checkpoint
+  number. `record` is model.json with the restored 'step' added. LoRA adapters are merged into
+  their kernels (the model's outputs are the same), or with `merge_lora=False` kept in
+  params['lora'] (the record's 'lora' says their rank and alpha)."""
+  from tljax import checkpoint, lora
   from tljax.models import build_model
   record = read_record(workdir)
   number = resolve_step(workdir, step, record)
@@ -167,6 +172,12 @@ def load(workdir: str, step: str | int = 'best') -> tuple[Any, dict[str, Any], d
     raise UserError(f'{workdir}: no readable checkpoint' + (f' ({damaged})' if damaged else ''))
   kwargs = {k: _tuples(v) for k, v in record['model'].items() if k != 'name'}
   model = build_model(record['model']['name'], **kwargs)
-  variables = {'params': resume.state['params'],
-               'batch_stats': resume.state.get('batch_stats') or {}}
+  params = resume.state['params']
+  if lora.LORA in params and merge_lora:
+    spec = record.get('lora') or {}
+    if not spec:
+      raise UserError(f'{workdir}: the checkpoint holds LoRA adapters but model.json does not '
+                      'record their rank and alpha; the run was written by another tljax')
+    params = lora.merge(params, float(spec['alpha']), int(spec['rank']))
+  variables = {'params': params, 'batch_stats': resume.state.get('batch_stats') or {}}
   return model, variables, {**record, 'step': resume.step}

@@ -196,3 +196,27 @@ def command(sweep: Sweep, variant: Variant, sweep_dir: str,
                       'flag cannot set; put it in the base config, or sweep freeze.preset')
     args.append(f'--config.{key}={_flag_value(value)}')
   return ' '.join(shlex.quote(a) for a in args)
+
+
+def strategy_variants(pointwise: str, probe: dict, lora_lr: dict, unfreeze_every: int,
+                      l2sp: float) -> tuple:
+  """(name, overrides, tags) of the fine-tuning strategies the strategy sweeps compare: full,
+  linear probe, stages:4, layer decay 0.65 and 0.8, gradual unfreezing, BitFit, LoRA rank 4
+  and 16 on the kernels `pointwise` matches (beside the head), L2-SP. `probe` adds overrides
+  to the linear probe, `lora_lr` to the LoRA and BitFit runs."""
+  def lora(rank):
+    return {'freeze.preset': 'linear_probe', 'lora.rank': rank, 'lora.alpha': float(rank),
+            'lora.targets': (pointwise,), **lora_lr}
+  rows = (
+      ('full', {'freeze.preset': 'full'}),
+      ('linear_probe', {'freeze.preset': 'linear_probe', **probe}),
+      ('stages4', {'freeze.preset': 'stages:4'}),
+      ('decay0.65', {'freeze.preset': 'full', 'optim.layer_decay': 0.65}),
+      ('decay0.8', {'freeze.preset': 'full', 'optim.layer_decay': 0.8}),
+      ('gradual', {'freeze.preset': 'full', 'freeze.unfreeze_every': unfreeze_every}),
+      ('bitfit', {'freeze.preset': 'bitfit', **lora_lr}),
+      ('lora4', lora(4)),
+      ('lora16', lora(16)),
+      ('l2sp', {'freeze.preset': 'full', 'optim.l2sp': l2sp}),
+  )
+  return tuple((name, overrides, {'strategy': name}) for name, overrides in rows)

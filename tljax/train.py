@@ -34,6 +34,7 @@ from tljax import (
   console,
   features,
   freeze,
+  lora,
   metrics,
   numerics,
   optim,
@@ -44,6 +45,7 @@ from tljax import (
   resolve,
   saved_model,
   steps,
+  unfreeze,
 )
 from tljax import config as config_lib
 from tljax import workdir as workdir_lib
@@ -93,8 +95,30 @@ def _cached_features(config: ml_collections.ConfigDict, model, state: steps.Trai
     print(f'cached the input of stage {cut!r} for {len(arrays["label"])} examples '
           f'({arrays[features.FEATURES].nbytes / 2**20:.1f} MiB) in {cache.seconds:.1f} s',
           flush=True)
+  return _from_cut(config, model, cut), cache
+
+
+def _from_cut(config: ml_collections.ConfigDict, model, cut: str) -> features.FromCut:
+  """`model` applied to the cached input of stage `cut` (the train step's view of it)."""
   first_input = _probe_inputs(config, 1)[0]
-  return features.FromCut(model, cut, first_input.shape[1:], first_input.dtype), cache
+  return features.FromCut(model, cut, first_input.shape[1:], first_input.dtype)
+
+
+def _compute_model(model, dtype: str | None):
+  """Mixed precision: the model computing in `dtype` (parameters stay float32)."""
+  return model.clone(dtype=jnp.dtype(dtype)) if dtype is not None and hasattr(
+      model, 'dtype') else model
+
+
+def _enter_phase(built: build.Built, runner, state: steps.TrainState, phase: int
+                 ) -> steps.TrainState:
+  """The placed `state` moved into phase `phase` of gradual unfreezing: its optimizer state
+  re-laid for the phase's labels (tljax.unfreeze.carry_state), on the devices as before."""
+  if runner.name == 'pmap':
+    return runner.place_state(built.state_for_phase(runner.host_state(state), phase))
+  move = lambda s: built.state_for_phase(s, phase)  # noqa: E731
+  shardings = runner.state_shardings(jax.eval_shape(move, state))
+  return jax.jit(move, out_shardings=shardings)(state)
 
 
 def _probe_inputs(config: ml_collections.ConfigDict, count: int) -> list[jax.Array]:
@@ -261,7 +285,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, source: sources.Source
   built = build.build(config, total_steps)
   if is_main and build.load_line(built):
     print(build.load_line(built), flush=True)
-  model, state, labels, mask = built.model, built.state, built.labels, built.mask
+  model, state, labels = built.model, built.state, built.final_labels
   params, batch_stats, groups = built.params, built.batch_stats, built.groups
   groupings = resolve.grouping_tables(config)
   if config.data.cache_features:  # checked now; the features are computed after the writes
@@ -285,7 +309,10 @@ def _run(config: ml_collections.ConfigDict, workdir: str, source: sources.Source
       workdir_lib.check_resumable(workdir, config_json,
                                   config_lib.base_config().to_json_best_effort())
       _check_classes_kept(workdir, class_names)
-    abstract_state = runner.abstract_state(state)
+    def abstract_state(step: int):  # the train state as saved after `step`, in this layout
+      phase = built.phase_at(step)
+      return runner.abstract_state(built.state if phase == 0 else jax.eval_shape(
+          lambda s: built.state_for_phase(s, phase), built.state))
     resume = (checkpoint.Resume() if fresh else
               checkpoint.restore_newest(workdir, abstract_state))
     start_step = resume.step
@@ -331,20 +358,18 @@ def _run(config: ml_collections.ConfigDict, workdir: str, source: sources.Source
     rows = freeze.summary_rows(params, groups, config.optim.lr)
     if is_main:
       print(freeze.format_table(rows), flush=True)
-      rule = freeze.preset_line(config.freeze.preset, get_entry(config.model.name).stages,
-                                config.model.name)
-      if rule:
-        print(rule, flush=True)
-    step_check = numerics.StepCheck(numerics.leaf_paths(steps.split_trainable(params, mask)[0]))
+      for line in (freeze.preset_line(config.freeze.preset, entry.stages, config.model.name),
+                   built.unfreezing and unfreeze.describe(built.unfreezing, entry.stages)):
+        if line:
+          print(line, flush=True)
 
     # Mixed precision: the step computes in compute_dtype from float32 parameters.
-    if dtype is not None and hasattr(model, 'dtype'):
-      model = model.clone(dtype=jnp.dtype(dtype))
-    train_model, feature_cache = model, None
+    model = _compute_model(model, dtype)
+    feature_cache = None
     input_keys = entry.inputs
     if config.data.cache_features:  # the frozen prefix is the same in every checkpoint
-      train_model, feature_cache = _cached_features(config, model, state, labels, source,
-                                                    dtype, input_keys)
+      _, feature_cache = _cached_features(config, model, state, labels, source, dtype,
+                                          input_keys)
 
     if start_step:
       state = resume.state
@@ -359,12 +384,25 @@ def _run(config: ml_collections.ConfigDict, workdir: str, source: sources.Source
       print(_layout_line(sharding), flush=True)
     axis_name = parallel.PMAP_AXIS if runner.name == 'pmap' else None
     train_keys = input_keys if feature_cache is None else (features.FEATURES, *input_keys[1:])
-    train_step = runner.compile_train(built.train_step(
-        train_model, axis_name=axis_name, compute_dtype=dtype,
-        grad_accum_steps=grad_accum_steps, input_keys=train_keys), state)
-    eval_step = runner.compile_eval(steps.make_eval_step(
-        model, axis_name=axis_name, groupings=groupings, compute_dtype=dtype,
-        input_keys=input_keys), state)
+    eval_fn = steps.make_eval_step(model, axis_name=axis_name, groupings=groupings,
+                                   compute_dtype=dtype, input_keys=input_keys)
+
+    def compiled_steps(phase: int, state: steps.TrainState):
+      """Phase `phase`'s train step (its frozen stages cost only their forward pass), the eval
+      step for its state, and the check of its trainable leaves' gradients."""
+      phase_model = _compute_model(built.phases[phase].model, dtype)
+      if feature_cache is not None:
+        phase_model = _from_cut(config, phase_model, feature_cache.stage)
+      train = runner.compile_train(built.train_step(
+          phase_model, phase, axis_name=axis_name, compute_dtype=dtype,
+          grad_accum_steps=grad_accum_steps, input_keys=train_keys), state)
+      trainable = steps.split_trainable(params, built.phases[phase].mask)[0]
+      return (train, runner.compile_eval(eval_fn, state),
+              numerics.StepCheck(numerics.leaf_paths(trainable)))
+
+    phase = built.phase_at(start_step)
+    train_step, eval_step, step_check = compiled_steps(phase, state)
+    phase_compile_s: dict[int, float] = {}
     if feature_cache is None:
       batches = pipeline.train_batches(source, config.data, start_step=start_step,
                                        seed=config.seed, process_index=process_index,
@@ -389,12 +427,21 @@ def _run(config: ml_collections.ConfigDict, workdir: str, source: sources.Source
     step_started = last_log_time
     try:
       for step in range(start_step + 1, total_steps + 1):
+        entering = built.phase_at(step) != phase
+        if entering:  # gradual unfreezing: one more stage trains from this step
+          step_check.flush()
+          phase = built.phase_at(step)
+          step_started = time.perf_counter()
+          state = _enter_phase(built, runner, state, phase)
+          train_step, eval_step, step_check = compiled_steps(phase, state)
         state, train_metrics = train_step(state, next(batches))
-        if first_step_s is None:  # compiles: timed apart, and kept out of the step times
+        if first_step_s is None or entering:  # compiles: timed apart, out of the step times
           jax.block_until_ready(train_metrics)
           last_log_time, last_log_step = time.perf_counter(), step
-          first_step_s = last_log_time - step_started
-          progress.compiled(step, first_step_s)
+          phase_compile_s[step] = last_log_time - step_started
+          if first_step_s is None:
+            first_step_s = phase_compile_s[step]
+            progress.compiled(step, first_step_s)
         step_check.push(step, train_metrics.pop('nonfinite'))  # checks the step before
         last = step == total_steps
         if step % config.log_every == 0 or last:
@@ -429,8 +476,9 @@ def _run(config: ml_collections.ConfigDict, workdir: str, source: sources.Source
       step_check.flush()
       if last_eval is None:  # resumed at the final step: evaluate what was restored
         last_eval = evaluate(eval_step, state, eval_data, total_steps, class_names)
-      reported = _final_evaluations(last_eval, state, ckpt, runner, abstract_state, eval_step,
-                                    test_data, eval_data, class_names, log)
+      reported = _final_evaluations(last_eval, state, ckpt, runner, abstract_state,
+                                    (eval_step, eval_fn), test_data, eval_data, class_names,
+                                    log)
     finally:
       progress.close()
       ckpt.close()
@@ -456,6 +504,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, source: sources.Source
         train_examples=train_examples,
         trainable_params=trainable, frozen_params=frozen, optimizer_state_leaves=opt_leaves,
         optimizer_state_bytes=opt_bytes, parallel=runner.name, devices=jax.device_count(),
+        strategy=_strategy(config, built, phase_compile_s),
         sharding=sharding,
         processes=process_count, compute_dtype=config.compute_dtype,
         feature_cache=None if feature_cache is None else feature_cache.summary(),
@@ -474,13 +523,30 @@ def _run(config: ml_collections.ConfigDict, workdir: str, source: sources.Source
 CONFUSION_FILE = 'confusion_test.png'
 
 
+def _strategy(config: ml_collections.ConfigDict, built: build.Built,
+              phase_compile_s: dict[int, float]) -> dict[str, Any]:
+  """The fine-tuning strategy keys of the run, for results.json and the sweep tables; with
+  gradual unfreezing, each phase's first step (compilation included) as measured here."""
+  adapters = lora.adapter_count(built.params) if config.lora.rank else 0
+  return dict(
+      layer_decay=config.optim.layer_decay, l2sp=config.optim.l2sp or None,
+      lora=(dict(rank=config.lora.rank, alpha=config.lora.alpha,
+                 targets=list(config.lora.targets), dropout=config.lora.dropout,
+                 adapter_params=adapters) if config.lora.rank else None),
+      unfreeze=(None if built.unfreezing is None else [
+          dict(after=phase.after, frozen_stages=phase.frozen,
+               first_step_s=phase_compile_s.get(phase.after + 1))
+          for phase in built.unfreezing]))
+
+
 def _final_evaluations(last_eval: Evaluation, state, ckpt: checkpoint.Checkpointer, runner,
-                       abstract_state, eval_step, test_data: pipeline.EvalBatches,
+                       abstract_state, eval_steps, test_data: pipeline.EvalBatches,
                        val_data: pipeline.EvalBatches, class_names: list[str] | None,
                        log: metrics.MetricsLog) -> dict[str, Any]:
   """The test split evaluated for the last checkpoint and, with a validation split, for the
   selected one (restored from its checkpoint): {'last', 'best', 'selected'}, each
   {'step', 'val', 'test'} with per-class results ('best' None without selection)."""
+  eval_step, eval_fn = eval_steps  # compiled for `state`; and to compile for another phase's
   if ckpt.select is None:  # the periodic evaluation ran on the test split
     last = dict(step=last_eval.step, val=None, test=last_eval.as_result())
     return dict(last=last, best=None, selected=last)
@@ -492,7 +558,7 @@ def _final_evaluations(last_eval: Evaluation, state, ckpt: checkpoint.Checkpoint
   best_state = None
   if best_step is not None and best_step != step:
     try:
-      best_state = runner.place_state(ckpt.restore(best_step, abstract_state))
+      best_state = runner.place_state(ckpt.restore(best_step, abstract_state(best_step)))
     except Exception as e:  # noqa: BLE001 (orbax raises many kinds for a damaged file)
       if jax.process_index() == 0:
         print(f'warning: the selected checkpoint of step {best_step} cannot be read '
@@ -502,6 +568,8 @@ def _final_evaluations(last_eval: Evaluation, state, ckpt: checkpoint.Checkpoint
   if best_state is None:
     best = dict(last)
   else:
+    if jax.tree.structure(best_state) != jax.tree.structure(state):  # an earlier phase's
+      eval_step = runner.compile_eval(eval_fn, best_state)
     best = dict(step=best_step,
                 val=evaluate(eval_step, best_state, val_data, best_step, class_names).as_result(),
                 test=evaluate(eval_step, best_state, test_data, best_step,

@@ -1,0 +1,170 @@
+"""Runs with LoRA adapters: what trains, what the optimizer holds, FSDP and resume, export
+with --merge-lora, and the one-line errors (the adapters themselves: tests/test_lora.py)."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+from helpers import REPO, small_config, write_npz
+
+import tljax
+from tljax import build, export, lora, saved_model, train
+from tljax.resolve import resolve_config
+from tljax.weights.read import restore_latest
+
+FC = r'fc[56]/kernel'  # layered_cnn's two hidden Dense layers
+
+
+def _lora_config(data='', **overrides):
+  config = small_config(**{'data.path': data, 'lora.rank': 2, 'lora.alpha': 4.0,
+                           'lora.targets': (FC,), 'optim.groups': [('lora/.*', {}),
+                                                                   ('.*', None)],
+                           **overrides})
+  config.model = dict(name='layered_cnn', num_classes=3, conv_widths=(4, 4, 8, 8),
+                      dense_width=16)
+  return config
+
+
+def _flat(tree):
+  return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(tree, sep='/').items()}
+
+
+def _images(count=8, seed=0):
+  return jnp.asarray(np.random.default_rng(seed).normal(size=(count, 16, 16, 3)), jnp.float32)
+
+
+def test_at_step_zero_the_adapted_model_computes_the_base_model():
+  adapted = build.build(resolve_config(_lora_config(), source_given=True), 6)
+  plain = build.build(resolve_config(_lora_config(**{'lora.rank': 0, 'lora.targets': (),
+                                                     'optim.groups': [('.*', {})]}),
+                                     source_given=True), 6)
+  assert isinstance(adapted.model, lora.LoraModel)
+  variables = {'params': adapted.params, 'batch_stats': adapted.batch_stats}
+  base = {'params': plain.params, 'batch_stats': plain.batch_stats}
+  np.testing.assert_array_equal(adapted.model.apply(variables, _images(), train=False),
+                                plain.model.apply(base, _images(), train=False))
+
+
+@pytest.mark.parametrize('name,moments', [('sgd', 1), ('adamw', 2)])
+def test_only_the_adapters_train_and_the_optimizer_holds_them_alone(tmp_path, name, moments):
+  """Base kernels bitwise unchanged; optimizer arrays = 4 bytes x adapter parameters per moment
+  (SGD momentum: 1, AdamW: 2), besides the scalar step counts."""
+  data = write_npz(tmp_path / 'data.npz')
+  config = _lora_config(data, **{'optim.name': name,
+                                 'optim.lr': 0.1 if name == 'sgd' else 0.01})
+  results = train.run(config, str(tmp_path / 'run'))
+  start = _flat(build.build(resolve_config(config), 6).params)
+  final = _flat(restore_latest(str(tmp_path / 'run'))['params'])
+  changed = {p for p in start if not np.array_equal(start[p], final[p])}
+  adapters = lora.adapter_count(traverse_util.unflatten_dict(start, sep='/'))
+  assert changed == {p for p in start if p.startswith('lora/') and p.endswith('/b')} | {
+      p for p in start if p.startswith('lora/') and p.endswith('/a')}
+  kernels = [start[f'{name}/kernel'].shape for name in ('fc5', 'fc6')]
+  assert adapters == sum(2 * (fan_in + fan_out) for fan_in, fan_out in kernels)
+  assert adapters == results['trainable_params']
+  opt_state = restore_latest(str(tmp_path / 'run'))['opt_state']
+  arrays = [x for x in jax.tree.leaves(opt_state) if np.ndim(x)]
+  scalars = [x for x in jax.tree.leaves(opt_state) if not np.ndim(x)]
+  assert sum(np.asarray(x).nbytes for x in arrays) == 4 * moments * adapters
+  assert results['optimizer_state_bytes'] == 4 * moments * adapters + sum(
+      np.asarray(x).nbytes for x in scalars)
+  assert results['strategy']['lora']['adapter_params'] == adapters
+
+
+@pytest.fixture(scope='module')
+def lora_run(tmp_path_factory):
+  """A finished LoRA run whose head trains too (adapters and head)."""
+  root = tmp_path_factory.mktemp('lora')
+  data = write_npz(root / 'data.npz')
+  train.run(_lora_config(data, **{'optim.groups': [('lora/.*', {}), ('head/.*', {}),
+                                                   ('.*', None)],
+                                  'total_steps': 10}), str(root / 'run'))
+  return root / 'run'
+
+
+def test_the_merged_export_computes_the_adapted_model(lora_run, tmp_path):
+  model, variables, record = saved_model.load(str(lora_run), 'last', merge_lora=False)
+  assert lora.LORA in variables['params'] and record['lora'] == dict(rank=2, alpha=4.0)
+  adapted = lora.LoraModel(model, lora.find_targets(variables['params'], (FC,)), 4.0, 2)
+  expected = adapted.apply(variables, _images(), train=False)
+  out = str(tmp_path / 'merged.safetensors')
+  export.export(str(lora_run), out, 'last', merge_lora=True)
+  merged_model, merged = tljax.create('layered_cnn', num_classes=3, pretrained=out,
+                                      image_size=16, conv_widths=(4, 4, 8, 8), dense_width=16)
+  assert lora.LORA not in merged['params']
+  logits = merged_model.apply(merged, _images(), train=False)
+  np.testing.assert_allclose(logits, expected, atol=1e-5)
+  b = _flat(variables['params'])['lora/fc5/b']
+  assert np.abs(b).max() > 0  # the adapters trained, so merging changed the kernels
+  predicted = saved_model.load(str(lora_run), 'last')  # what predict uses: merged
+  np.testing.assert_allclose(predicted[0].apply(predicted[1], _images(), train=False),
+                             expected, atol=1e-5)
+
+
+def test_an_outside_layout_needs_merge_lora(lora_run, tmp_path):
+  kept = str(tmp_path / 'kept.safetensors')
+  export.export(str(lora_run), kept, 'last')
+  from safetensors.numpy import load_file
+  assert any(k.startswith('params/lora/') for k in load_file(kept))
+  with pytest.raises(tljax.errors.UserError, match='--merge-lora'):
+    export.export(str(lora_run), str(tmp_path / 'hf.safetensors'), 'last', layout='hf')
+
+
+def _state(workdir):
+  flat, _ = jax.tree_util.tree_flatten_with_path(restore_latest(str(workdir)))
+  return {jax.tree_util.keystr(path): np.asarray(value) for path, value in flat}
+
+
+@pytest.mark.slow
+def test_fsdp_with_adapters_resumes_bit_exact(tmp_path):
+  """8 simulated devices, every leaf split over them (adapters included); a run cut after its
+  step-3 checkpoint resumes and ends bitwise where the uninterrupted run ends."""
+  data = write_npz(tmp_path / 'data.npz')
+  config = _lora_config(data, **{'sharding.rule': 'fsdp', 'sharding.min_size_mb': 0.0,
+                                 'optim.groups': [('lora/.*', {}), ('head/.*', {}),
+                                                  ('.*', None)]})
+  results = train.run(config, str(tmp_path / 'whole'))
+  assert results['sharding']['split_leaves'] > 0 and results['devices'] == 8
+  shutil.copytree(tmp_path / 'whole', tmp_path / 'cut')
+  shutil.rmtree(tmp_path / 'cut' / 'checkpoints' / '6')
+  os.remove(tmp_path / 'cut' / 'results.json')
+  resumed = train.run(config, str(tmp_path / 'cut'))
+  assert resumed['resumed_from_step'] == 3
+  expected, actual = _state(tmp_path / 'whole'), _state(tmp_path / 'cut')
+  assert expected.keys() == actual.keys() and any('lora' in k for k in expected)
+  for key in expected:
+    np.testing.assert_array_equal(expected[key], actual[key], err_msg=key)
+
+
+ENV = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+
+
+@pytest.mark.parametrize('flags,key', [
+    (['--config.lora.targets=("nothing/kernel",)'], r'lora.targets[0]'),
+    (['--config.lora.targets=("head/bias",)'], r'lora.targets[0]'),
+    (['--config.lora.targets=("stage1/conv/kernel",)'], r'lora.targets[0]'),
+    (['--config.lora.targets=("head/kernel", "stem/.*")'], r'lora.targets[1]'),
+    (['--config.lora.rank=0'], 'lora.targets is set but lora.rank is 0'),
+    (['--config.lora.rank=-1'], 'lora.rank'),
+    (['--config.lora.rank=4'], 'lora.rank=4'),  # the head is 16 x 3
+    (['--config.lora.alpha=0'], 'lora.alpha'),
+    (['--config.lora.dropout=1.0'], 'lora.dropout'),
+])
+def test_a_bad_lora_value_is_one_error_line_naming_the_key(tmp_path, flags, key):
+  data = write_npz(tmp_path / 'data.npz')
+  command = [sys.executable, '-m', 'tljax.train', f'--config={REPO}/configs/tests/arrays.py',
+             f'--workdir={tmp_path / "run"}', f'--config.data.path={data}',
+             '--config.lora.rank=2', '--config.lora.targets=("head/kernel",)', *flags]
+  done = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True,
+                        timeout=300)
+  lines = done.stderr.strip().splitlines()
+  assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith('error: '), \
+      done.stderr[-2000:]
+  assert key in lines[0]
+  assert not (tmp_path / 'run').exists() or not os.listdir(tmp_path / 'run')
