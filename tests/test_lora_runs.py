@@ -51,6 +51,7 @@ def test_at_step_zero_the_adapted_model_computes_the_base_model():
                                 plain.model.apply(base, _images(), train=False))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name,moments', [('sgd', 1), ('adamw', 2)])
 def test_only_the_adapters_train_and_the_optimizer_holds_them_alone(tmp_path, name, moments):
   """Base kernels bitwise unchanged; optimizer arrays = 4 bytes x adapter parameters per moment
@@ -145,22 +146,33 @@ def test_fsdp_with_adapters_resumes_bit_exact(tmp_path):
 ENV = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
 
 
-@pytest.mark.parametrize('flags,key', [
-    (['--config.lora.targets=("nothing/kernel",)'], r'lora.targets[0]'),
-    (['--config.lora.targets=("head/bias",)'], r'lora.targets[0]'),
-    (['--config.lora.targets=("stage1/conv/kernel",)'], r'lora.targets[0]'),
-    (['--config.lora.targets=("head/kernel", "stem/.*")'], r'lora.targets[1]'),
-    (['--config.lora.rank=0'], 'lora.targets is set but lora.rank is 0'),
-    (['--config.lora.rank=-1'], 'lora.rank'),
-    (['--config.lora.rank=4'], 'lora.rank=4'),  # the head is 16 x 3
-    (['--config.lora.alpha=0'], 'lora.alpha'),
-    (['--config.lora.dropout=1.0'], 'lora.dropout'),
+@pytest.mark.parametrize('overrides,key', [
+    ({'lora.targets': ('nothing/kernel',)}, 'lora.targets[0]'),
+    ({'lora.targets': ('head/bias',)}, 'lora.targets[0]'),
+    ({'lora.targets': ('stage1/conv/kernel',)}, 'lora.targets[0]'),
+    ({'lora.targets': ('head/kernel', 'stem/.*')}, 'lora.targets[1]'),
+    ({'lora.rank': 0}, 'lora.targets is set but lora.rank is 0'),
+    ({'lora.rank': -1}, 'lora.rank'),
+    ({'lora.rank': 4}, 'lora.rank=4'),  # the head is 16 x 3
+    ({'lora.alpha': 0.0}, 'lora.alpha'),
+    ({'lora.dropout': 1.0}, 'lora.dropout'),
 ])
-def test_a_bad_lora_value_is_one_error_line_naming_the_key(tmp_path, flags, key):
+def test_a_bad_lora_value_is_refused_naming_the_key_before_any_write(tmp_path, overrides, key):
+  config = small_config(**{'data.path': write_npz(tmp_path / 'data.npz'), 'lora.rank': 2,
+                           'lora.targets': ('head/kernel',), **overrides})
+  with pytest.raises(tljax.errors.UserError) as raised:
+    train.run(config, str(tmp_path / 'run'))
+  assert key in str(raised.value)
+  assert not (tmp_path / 'run').exists() or not os.listdir(tmp_path / 'run')
+
+
+@pytest.mark.parametrize('flag,key', [('--config.lora.targets=("head/bias",)', 'lora.targets[0]'),
+                                      ('--config.lora.rank=4', 'lora.rank=4')])
+def test_on_the_command_line_it_is_one_error_line(tmp_path, flag, key):
   data = write_npz(tmp_path / 'data.npz')
   command = [sys.executable, '-m', 'tljax.train', f'--config={REPO}/configs/tests/arrays.py',
              f'--workdir={tmp_path / "run"}', f'--config.data.path={data}',
-             '--config.lora.rank=2', '--config.lora.targets=("head/kernel",)', *flags]
+             '--config.lora.rank=2', '--config.lora.targets=("head/kernel",)', flag]
   done = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True,
                         timeout=300)
   lines = done.stderr.strip().splitlines()

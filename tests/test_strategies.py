@@ -55,6 +55,7 @@ def test_the_norm_pattern_matches_exactly_the_norm_layers_of_every_model(name):
   assert matched == _norm_modules(shapes), name  # (layered_cnn has none)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('preset', ['bitfit', 'norm'])
 def test_bitfit_and_norm_train_only_their_leaves_and_the_head(preset):
   """ViT-Ti (biases in every Dense, LayerNorms): after steps, exactly the preset's leaves have
@@ -219,6 +220,7 @@ def _unfreeze_config(**overrides):
                          'optim.schedule.name': 'constant', **overrides})
 
 
+@pytest.mark.slow
 def test_flops_of_each_phase_equal_the_static_stages_run():
   """A frozen stage costs only its forward pass in every phase: phase i's compiled step has
   exactly the FLOPs of a static run freezing the same stages."""
@@ -262,6 +264,7 @@ def _checkpoint_params(workdir, step):
   return _flat(resume.state['params'])
 
 
+@pytest.mark.slow
 def test_a_stage_is_bitwise_unchanged_until_its_boundary_then_trains(tmp_path):
   """Boundaries every 2 steps: the head trains from step 1, stage2 from 3, stage1 from 5, the
   stem from 7; each checkpoint (one per step) shows a stage fixed before and moving after."""
