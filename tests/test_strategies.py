@@ -167,6 +167,8 @@ def test_l2sp_holds_the_start_once_for_trainable_leaves_only(earlier_run):
                                            jax.tree.leaves(plain.mask), strict=True) if m)
   assert (optim.state_leaf_stats(pulled.state.opt_state)[1]
           - optim.state_leaf_stats(plain.state.opt_state)[1]) == trainable
+  assert f'({trainable // 4:,} params) pulled' in build.l2sp_line(pulled)
+  assert build.l2sp_line(plain) is None
 
 
 def test_l2sp_without_pretrained_weights_is_refused_naming_the_key():

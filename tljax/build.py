@@ -217,6 +217,19 @@ def build(config: ml_collections.ConfigDict, total_steps: int | None = None) -> 
                None if planned.unfreezing is None else tuple(planned.unfreezing))
 
 
+def l2sp_line(built: Built) -> str | None:
+  """What optim.l2sp pulls towards the pretrained weights, for the group table (None: off)."""
+  if not built.config.optim.l2sp:
+    return None
+  anchored = _anchored(built.config, freeze.trainable_mask(built.final_labels),
+                       built.load_report)
+  pulled = [x for x, a in zip(jax.tree.leaves(built.params), jax.tree.leaves(anchored),
+                              strict=True) if a]
+  return (f'optim.l2sp={built.config.optim.l2sp}: {len(pulled)} trainable tensors '
+          f'({sum(int(x.size) for x in pulled):,} params) pulled towards their pretrained '
+          'values; weight decay only on the others (a fresh head)')
+
+
 def load_line(built: Built) -> str | None:
   """What loading the pretrained weights did, in one line (None without them)."""
   report = built.load_report

@@ -359,7 +359,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str, source: sources.Source
     if is_main:
       print(freeze.format_table(rows), flush=True)
       for line in (freeze.preset_line(config.freeze.preset, entry.stages, config.model.name),
-                   built.unfreezing and unfreeze.describe(built.unfreezing, entry.stages)):
+                   built.unfreezing and unfreeze.describe(built.unfreezing, entry.stages),
+                   build.l2sp_line(built)):
         if line:
           print(line, flush=True)
 
