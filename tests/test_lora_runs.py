@@ -1,6 +1,7 @@
 """Runs with LoRA adapters: what trains, what the optimizer holds, FSDP and resume, export
 with --merge-lora, and the one-line errors (the adapters themselves: tests/test_lora.py)."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -180,3 +181,69 @@ def test_on_the_command_line_it_is_one_error_line(tmp_path, flag, key):
       done.stderr[-2000:]
   assert key in lines[0]
   assert not (tmp_path / 'run').exists() or not os.listdir(tmp_path / 'run')
+
+
+def test_adapters_of_frozen_stages_still_train_with_a_feature_cache(tmp_path):
+  """A stage whose kernels are frozen but whose adapters train is not frozen: the cache cuts
+  before the first adapted stage (fc5), not at the head, and the adapters move."""
+  data = write_npz(tmp_path / 'data.npz')
+  config = _lora_config(data, **{'optim.groups': [('.*', {})], 'freeze.preset': 'linear_probe',
+                                 'data.cache_features': True})
+  results = train.run(config, str(tmp_path / 'run'))
+  assert results['feature_cache']['stage'] == 'fc5' and results['frozen_stages'] == 4
+  final = _flat(restore_latest(str(tmp_path / 'run'))['params'])
+  assert np.abs(final['lora/fc5/b']).max() > 0 and np.abs(final['lora/fc6/b']).max() > 0
+
+
+def test_a_group_the_adapters_empty_is_named_as_the_user_wrote_it():
+  config = _lora_config(**{'optim.groups': [('fc5/kernel', {'lr_mult': 2.0}), ('.*', {})]})
+  with pytest.raises(tljax.errors.UserError, match=r"optim\.groups\[0\] pattern 'fc5/kernel'"):
+    build.build(resolve_config(config, source_given=True), 6)
+  built = build.build(resolve_config(_lora_config(), source_given=True), 6)
+  from tljax import freeze
+  table = freeze.format_table(freeze.summary_rows(built.params, built.groups, 0.1))
+  assert table.splitlines()[2].startswith('lora ')
+
+
+def test_a_lora_workdir_as_pretrained_weights_is_the_merged_model(lora_run, tmp_path):
+  model, variables, _ = saved_model.load(str(lora_run), 'last', merge_lora=False)
+  adapted = lora.LoraModel(model, lora.find_targets(variables['params'], (FC,)), 4.0, 2)
+  expected = adapted.apply(variables, _images(), train=False)
+  kwargs = dict(num_classes=3, image_size=16, conv_widths=(4, 4, 8, 8), dense_width=16)
+  loaded_model, loaded = tljax.create('layered_cnn', pretrained=str(lora_run), **kwargs)
+  np.testing.assert_allclose(loaded_model.apply(loaded, _images(), train=False), expected,
+                             atol=1e-5)
+  kept = str(tmp_path / 'kept.safetensors')
+  export.export(str(lora_run), kept, 'last')
+  with pytest.raises(tljax.errors.UserError, match='--merge-lora'):
+    tljax.create('layered_cnn', pretrained=kept, **kwargs)
+
+
+@pytest.mark.parametrize('record', [{'rank': 2}, 5, 'x', {'rank': 'two', 'alpha': 4.0},
+                                    {'rank': 2, 'alpha': -1.0}, {'rank': True, 'alpha': 4.0}])
+def test_a_damaged_lora_record_is_one_error_naming_the_file(lora_run, tmp_path, record):
+  copy = tmp_path / 'run'
+  shutil.copytree(lora_run, copy)
+  path = copy / 'model.json'
+  saved = json.loads(path.read_text())
+  path.write_text(json.dumps({**saved, 'lora': record}))
+  with pytest.raises(tljax.errors.UserError, match='model.json'):
+    saved_model.load(str(copy), 'last')
+  with pytest.raises(tljax.errors.UserError, match='model.json'):
+    export.export(str(copy), str(tmp_path / 'out.safetensors'), 'last')
+
+
+def test_without_a_record_the_config_json_says_rank_and_alpha(lora_run, tmp_path):
+  copy = tmp_path / 'run'
+  shutil.copytree(lora_run, copy)
+  path = copy / 'model.json'
+  path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items()
+                              if k != 'lora'}))
+  metadata = export.export(str(copy), str(tmp_path / 'kept.safetensors'), 'last')
+  assert json.loads(metadata['lora']) == dict(rank=2, alpha=4.0)
+
+
+def test_an_outside_layout_the_model_lacks_is_named_before_merging(lora_run, tmp_path):
+  with pytest.raises(tljax.errors.UserError, match="--layout torchvision: model 'layered_cnn'"):
+    export.export(str(lora_run), str(tmp_path / 'tv.safetensors'), 'last',
+                  layout='torchvision')

@@ -376,3 +376,45 @@ def test_a_checkpoint_selected_in_an_earlier_phase_is_restored_and_evaluated(tmp
   results = train.run(config, str(tmp_path / 'run'))
   assert results['selected_step'] <= 4 < results['final_step']
   assert results['best']['val']['accuracy'] <= results['last']['val']['accuracy']
+
+
+def test_unfreezing_reaches_down_to_trainable_adapters_of_a_linear_probe():
+  config = small_config(**{'freeze.preset': 'linear_probe', 'optim.groups': [('.*', {})],
+                           'lora.rank': 2, 'lora.targets': ('head/kernel',),
+                           'freeze.unfreeze_every': 2})
+  with pytest.raises(UserError, match='nothing to unfreeze'):  # adapters only in the head
+    build.build(resolve_config(config, source_given=True), 10)
+  labels = {'stage1': {'conv': {'kernel': 'frozen'}},
+            'lora': {'stage1': {'conv': {'a': 'group0'}}}, 'head': {'kernel': 'group0'}}
+  assert freeze.frozen_stage_count(labels, SMALL_STAGES) == 1  # stem only: stage1 adapts
+
+
+def test_boundaries_past_the_last_step_are_named_in_a_warning():
+  schedule = unfreeze.phases({'unfreeze': ((2, 'stage2'), (8, 'stage1'))}, SMALL_STAGES, 1)
+  assert unfreeze.unreached(schedule, SMALL_STAGES, 9) is None
+  late = unfreeze.unreached(schedule, SMALL_STAGES, 8)
+  assert late.startswith('warning:') and 'stage1 never train' in late
+  assert 'stage1, stage2 never train' in unfreeze.unreached(schedule, SMALL_STAGES, 2)
+  with pytest.raises(UserError, match=r'freeze\.unfreeze\[0\]'):
+    unfreeze.phases({'unfreeze': ((2**40, 'stage2'),)}, SMALL_STAGES, 1)
+
+
+@pytest.mark.slow
+def test_pmap_on_eight_devices_enters_phases_and_resumes_bit_exact(tmp_path):
+  """pmap replicates the state over 8 simulated devices; entering a phase and restoring a
+  checkpoint place host values on every device (committed arrays were refused before)."""
+  data = write_npz(tmp_path / 'data.npz')
+  config = _unfreeze_config(**{'data.path': data, 'parallel': 'pmap', 'total_steps': 8,
+                               'checkpoint_every': 3})
+  whole = train.run(config, str(tmp_path / 'whole'))
+  assert whole['parallel'] == 'pmap' and whole['devices'] == 8
+  import shutil
+  shutil.copytree(tmp_path / 'whole', tmp_path / 'cut')
+  shutil.rmtree(tmp_path / 'cut' / 'checkpoints' / '8')
+  os.remove(tmp_path / 'cut' / 'results.json')
+  resumed = train.run(config, str(tmp_path / 'cut'))
+  assert resumed['resumed_from_step'] == 6
+  expected, actual = _final_state(tmp_path / 'whole'), _final_state(tmp_path / 'cut')
+  assert expected.keys() == actual.keys()
+  for key in expected:
+    np.testing.assert_array_equal(expected[key], actual[key], err_msg=key)

@@ -102,8 +102,10 @@ def _with_adapters(config: ml_collections.ConfigDict, model: Any, params: Any,
   params = lora.init_adapters(params, targets, spec.rank, config.seed)
   model = lora.LoraModel(model, targets, spec.alpha, spec.rank, spec.dropout)
   pattern = '(?!lora/)({})'.format('|'.join(f'(?:{t})' for t in spec.targets))
-  adapted = freeze.Group(0, pattern, None, 0.0)
-  return model, params, [adapted, *(dataclasses.replace(g, index=g.index + 1) for g in groups)]
+  # First, so the kernels stay frozen whatever optim.groups says; the groups keep their indices
+  # (an error names optim.groups[i] as the user wrote it).
+  adapted = freeze.Group(freeze.ADAPTED, pattern, None, 0.0)
+  return model, params, [adapted, *groups]
 
 
 def _anchored(config: ml_collections.ConfigDict, mask: Any,

@@ -53,11 +53,17 @@ def tensors(variables: dict[str, Any], model_name: str, layout: str) -> dict[str
       sep='/').items()}
   if layout == 'tljax':
     return flat
+  check_layout(model_name, layout)
+  return get_entry(model_name).exporters[layout](flat)
+
+
+def check_layout(model_name: str, layout: str) -> None:
+  """Refuses an outside layout the model has no exporter to."""
+  from tljax.models import get_entry
   exporters = get_entry(model_name).exporters
-  if layout not in exporters:
+  if layout != 'tljax' and layout not in exporters:
     raise UserError(f'--layout {layout}: model {model_name!r} exports to '
                     f'{", ".join(["tljax", *sorted(exporters)])}')
-  return exporters[layout](flat)
 
 
 def export(workdir: str, out: str, step: str | int = 'best', layout: str = 'tljax',
@@ -71,6 +77,7 @@ def export(workdir: str, out: str, step: str | int = 'best', layout: str = 'tlja
     raise UserError(f'--layout {layout!r} must be one of {", ".join(LAYOUTS)}')
   check_output(out, force)
   model, variables, record = saved_model.load(workdir, step, merge_lora=merge_lora)
+  check_layout(record['model']['name'], layout)
   if 'lora' in variables['params'] and layout != 'tljax':
     raise UserError(f'{workdir} trained LoRA adapters, which the {layout} layout has no place '
                     'for; add --merge-lora to fold them into their kernels')

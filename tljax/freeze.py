@@ -19,6 +19,7 @@ from flax import traverse_util
 from tljax.errors import UserError
 
 FROZEN = 'frozen'
+ADAPTED = -1  # the index of the group tljax.build puts first to freeze LoRA-adapted kernels
 RULE_KEYS = ('lr_mult', 'wd_mult')
 
 
@@ -221,8 +222,9 @@ def decay_groups(groups: Sequence[Group], params: Mapping[str, Any], stages: Seq
   result: list[Group] = []
   for group in groups:
     taken = [path for path, g in assigned.items() if g.index == group.index]
-    if group.frozen:
-      result.append(dataclasses.replace(group, index=len(result)))
+    if group.frozen:  # (the LoRA-adapted kernels' group keeps its own index, ADAPTED)
+      result.append(group if group.index == ADAPTED else
+                    dataclasses.replace(group, index=len(result)))
       continue
     by_stage = {stage_of(path, stages) for path in taken}
     for index in sorted((i for i in by_stage if i is not None), reverse=True):
@@ -239,9 +241,10 @@ def decay_groups(groups: Sequence[Group], params: Mapping[str, Any], stages: Seq
 def frozen_stage_count(labels: Mapping[str, Any], stages: Sequence[str]) -> int:
   """How many leading STAGES are entirely frozen (stages without parameters count as frozen)."""
   flat = flat_paths(labels)
+  by_stage = {path: stage_of(path, stages) for path in flat}
   count = 0
-  for stage in stages:
-    stage_labels = [v for k, v in flat.items() if k.startswith(f'{stage}/')]
+  for index in range(len(stages)):  # a stage's LoRA adapters (lora/<stage>/...) count as its own
+    stage_labels = [v for k, v in flat.items() if by_stage[k] == index]
     if not all(label == FROZEN for label in stage_labels):
       break
     count += 1
@@ -267,7 +270,8 @@ def summary_rows(params: Mapping[str, Any], groups: Sequence[Group], base_lr: fl
 def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
   """Plain-text table of `summary_rows`, with a total line."""
   header = ('group', 'pattern', 'tensors', 'params', 'status', 'lr')
-  body = [(str(r['group']), r['pattern'], str(r['tensors']), f"{r['params']:,}", r['status'],
+  body = [('lora' if r['group'] == ADAPTED else str(r['group']), r['pattern'], str(r['tensors']),
+           f"{r['params']:,}", r['status'],
            '-' if r['lr'] is None else f"{r['lr']:.3g}") for r in rows]
   trainable = sum(r['params'] for r in rows if r['status'] == 'trainable')
   total = sum(r['params'] for r in rows)

@@ -267,7 +267,11 @@ class PmapRunner:
                         state)
 
   def place_state(self, state: Any) -> Any:
-    return jax.tree.map(lambda x: jnp.broadcast_to(x, (self.num_local, *np.shape(x))), state)
+    """One copy per local device. From host values: an array committed to one device (a
+    restored checkpoint, or `host_state`'s first replica) broadcast on that device would stay
+    there, and pmap refuses it."""
+    return jax.tree.map(
+        lambda x: jnp.broadcast_to(np.asarray(x), (self.num_local, *np.shape(x))), state)
 
   def host_state(self, state: Any) -> Any:
     return jax.tree.map(lambda x: x[0], state)

@@ -137,6 +137,28 @@ def resolve_step(workdir: str, step: str | int, record: dict[str, Any]) -> int |
   return number
 
 
+def lora_spec(workdir: str, record: dict[str, Any]) -> dict[str, Any]:
+  """{'rank', 'alpha'} of the LoRA adapters a workdir's checkpoints hold: model.json's record,
+  else config.json's lora section; refused, naming the file, when neither says them sensibly."""
+  spec, where = record.get('lora'), os.path.join(workdir, RECORD_FILE)
+  if spec is None:
+    where = os.path.join(workdir, 'config.json')
+    try:
+      with open(where, encoding='utf-8') as f:
+        spec = (json.load(f).get('lora') or None)
+    except (OSError, ValueError, AttributeError):
+      spec = None
+  rank = spec.get('rank') if isinstance(spec, dict) else None
+  alpha = spec.get('alpha') if isinstance(spec, dict) else None
+  if (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1
+      or isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0
+      or alpha == float('inf')):
+    raise UserError(f'{workdir}: the checkpoint holds LoRA adapters, but {where} does not say '
+                    f'their rank and alpha (found {spec!r:.80}); restore the lora section '
+                    "{'rank': R, 'alpha': A} the run was trained with")
+  return dict(rank=rank, alpha=float(alpha))
+
+
 def _tuples(value: Any) -> Any:
   """JSON lists back to the tuples a model config holds (module fields must be hashable)."""
   return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
@@ -173,11 +195,10 @@ def load(workdir: str, step: str | int = 'best', merge_lora: bool = True
   kwargs = {k: _tuples(v) for k, v in record['model'].items() if k != 'name'}
   model = build_model(record['model']['name'], **kwargs)
   params = resume.state['params']
-  if lora.LORA in params and merge_lora:
-    spec = record.get('lora') or {}
-    if not spec:
-      raise UserError(f'{workdir}: the checkpoint holds LoRA adapters but model.json does not '
-                      'record their rank and alpha; the run was written by another tljax')
-    params = lora.merge(params, float(spec['alpha']), int(spec['rank']))
+  if lora.LORA in params:
+    spec = lora_spec(workdir, record)
+    record = {**record, 'lora': spec}
+    if merge_lora:
+      params = lora.merge(params, spec['alpha'], spec['rank'])
   variables = {'params': params, 'batch_stats': resume.state.get('batch_stats') or {}}
   return model, variables, {**record, 'step': resume.step}

@@ -358,6 +358,9 @@ def _run(config: ml_collections.ConfigDict, workdir: str, source: sources.Source
     rows = freeze.summary_rows(params, groups, config.optim.lr)
     if is_main:
       print(freeze.format_table(rows), flush=True)
+      late = built.unfreezing and unfreeze.unreached(built.unfreezing, entry.stages, total_steps)
+      if late:
+        print(late, file=sys.stderr, flush=True)
       for line in (freeze.preset_line(config.freeze.preset, entry.stages, config.model.name),
                    built.unfreezing and unfreeze.describe(built.unfreezing, entry.stages),
                    build.l2sp_line(built)):

@@ -21,6 +21,8 @@ from flax import traverse_util
 from tljax.errors import UserError
 from tljax.freeze import FROZEN, flat_paths, stage_of
 
+MAX_STEP = 2**31 - 1  # the train state counts steps in int32
+
 
 class UnfreezeError(UserError):
   """A gradual-unfreezing schedule that cannot be followed."""
@@ -43,8 +45,9 @@ def _explicit(pairs: Any, stages: Sequence[str], floor: int) -> list[Phase]:
     if not isinstance(pair, (tuple, list)) or len(pair) != 2:
       raise UnfreezeError(f'{key}={pair!r} must be a (step, stage) pair')
     step, stage = pair
-    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 1:
-      raise UnfreezeError(f'{key}: step {step!r} must be an integer >= 1')
+    if (isinstance(step, bool) or not isinstance(step, (int, np.integer))
+        or not 1 <= step <= MAX_STEP):
+      raise UnfreezeError(f'{key}: step {step!r} must be an integer in [1, {MAX_STEP}]')
     if stage not in stages:
       raise UnfreezeError(f'{key}: {stage!r} is not a stage of the model; its STAGES are '
                           f'{", ".join(stages)}')
@@ -120,6 +123,18 @@ def carry_state(old: Any, new: Any) -> Any:
   paths, treedef = jax.tree_util.tree_flatten_with_path(new)
   return jax.tree_util.tree_unflatten(
       treedef, [held.get(_key(path), leaf) for path, leaf in paths])
+
+
+def unreached(schedule: Sequence[Phase], stages: Sequence[str], total_steps: int) -> str | None:
+  """A warning when boundaries lie at or past the last step: their stages never train."""
+  reached = [phase for phase in schedule if phase.after < total_steps]
+  if len(reached) == len(schedule):
+    return None
+  never = stages[schedule[-1].frozen:reached[-1].frozen]
+  return (f'warning: gradual unfreezing: a run of {total_steps} steps never passes the '
+          f'boundaries at step {total_steps} or later, so {", ".join(never)} never train (the '
+          'group table counts them as trainable); lower freeze.unfreeze_every or the steps of '
+          'freeze.unfreeze, or raise total_steps')
 
 
 def describe(schedule: Sequence[Phase], stages: Sequence[str]) -> str:

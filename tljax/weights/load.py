@@ -93,7 +93,7 @@ def convert(source: str, model_name: str, model: Any, layout: str | None = None
     zoo_entry = zoo.get(source)
     flat, layout = read.read_file(zoo.fetch(source)), zoo_entry.layout
   elif os.path.isdir(source):
-    return read.read_tljax_workdir(source)
+    return _adapters_merged(read.read_tljax_workdir(source), source)
   else:
     if not (os.path.lexists(source) or '://' in source or source.startswith('package:')):
       raise WeightsError(f'init.pretrained={source!r} is neither a zoo name ({", ".join(zoo.ZOO)})'
@@ -101,11 +101,27 @@ def convert(source: str, model_name: str, model: Any, layout: str | None = None
                          'weights')
     flat = read.read_file(zoo.locate(source))
     if layout is None and any(k.startswith('params/') for k in flat):
+      if any(k.startswith('params/lora/') for k in flat):
+        raise WeightsError(f'{source} holds LoRA adapters apart from their kernels '
+                           '(params/lora/...): export the run again with --merge-lora, or load '
+                           'its workdir, which merges them')
       return flat  # written by tljax (e.g. an exported .npz of variables)
   if layout not in entry.converters:
     raise WeightsError(f'init.layout={layout!r} for {source!r}: model {model_name!r} converts '
                        f'from {sorted(entry.converters) or "no outside layout"}')
   return entry.converters[layout](flat, model)
+
+
+def _adapters_merged(flat: dict[str, np.ndarray], workdir: str) -> dict[str, np.ndarray]:
+  """A workdir's variables with its LoRA adapters (if any) folded into their kernels: the model
+  it computes, in the base model's parameters."""
+  if not any(k.startswith('params/lora/') for k in flat):
+    return flat
+  from tljax import lora, saved_model
+  spec = saved_model.lora_spec(workdir, saved_model.read_record(workdir))
+  tree = traverse_util.unflatten_dict(flat, sep='/')
+  tree['params'] = lora.merge(tree['params'], spec['alpha'], spec['rank'])
+  return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(tree, sep='/').items()}
 
 
 def load_pretrained(source: str, model_name: str, model: Any, fresh: Mapping[str, Any],
