@@ -32,8 +32,9 @@ fashion-mnist:
 test: install fashion-mnist
 	$(PY) -m pytest -q tests
 
-# The quick tests of every module (2.5 min on 2 idle CPU cores): without those marked slow (over
-# ~10 s) or multiprocess (several training processes). `make test` runs everything.
+# The quick tests of every module (415 tests, 15 min on 2 CPU cores shared with a sweep): without
+# those marked slow (over ~10 s) or multiprocess (several training processes). `make test` runs
+# everything.
 test-fast: install
 	$(PY) -m pytest -q tests -m 'not slow and not multiprocess'
 
@@ -41,8 +42,8 @@ test-fast: install
 demo: install
 	$(PY) -m tljax.ablate --config=configs/ablations/elpv_demo.py --workdir=$(DEMO_DIR)
 
-# Speed and memory against PyTorch and by freeze depth; not part of `make test` (about 40 min on
-# 2 CPU cores). Writes benchmarks/results/*_<backend>.json and the tables in benchmarks/README.md.
+# Speed and memory against PyTorch, by freeze depth and by strategy; not part of `make test`
+# (about 40 min on 2 CPU cores before benchmarks.strategies, which took 8.5 min more). Writes benchmarks/results/*_<backend>.json and the tables in benchmarks/README.md.
 BACKEND = $$($(PY) -c 'import jax; print(jax.default_backend())')
 bench: install
 	$(PY) -m benchmarks.finetune
@@ -52,6 +53,7 @@ bench: install
 	$(PY) -m benchmarks.input_pipeline
 	$(PY) -m benchmarks.sharding
 	$(PY) -m benchmarks.text
+	$(PY) -m benchmarks.strategies
 	$(PY) -m benchmarks.tables --backend $(BACKEND)
 
 lint: install

@@ -45,7 +45,10 @@ def make_config(model: str, preset: str, image_size: int, batch_size: int,
       optim=dict(name='sgd', lr=0.01, momentum=0.9, weight_decay=1e-4))))
   for key, value in (overrides or {}).items():
     config_lib.set_override(config, key, value)
-  return resolve.resolve_config(config)
+  # Benchmarks feed their own batches: no data.source need name a dataset (one that reads data
+  # sets data.source in `overrides`).
+  return resolve.resolve_config(config, source_given=config.data.source == 'tfds'
+                                and not config.data.name)
 
 
 def random_batch(batch_size: int, image_size: int, num_classes: int = 10, seed: int = 0
@@ -86,6 +89,31 @@ def time_calls(call: Callable[[], Any], steps_timed: int, warmup: int) -> list[f
     call()
     times.append(time.perf_counter() - start)
   return times
+
+
+@dataclasses.dataclass
+class Timed:
+  """A step compiled from `lower`, its compile time, its step times and the state it ended in."""
+  compiled: Any
+  compile_s: float
+  times: list[float]
+  state: Any
+
+
+def compile_and_time(step: Any, state: Any, batch: Any, steps_timed: int, warmup: int) -> Timed:
+  """Compiles the jitted `step` for (state, batch), then times `steps_timed` calls of it after
+  `warmup` untimed ones, each waiting for its metrics (the step returns (state, metrics))."""
+  start = time.perf_counter()
+  compiled = step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - start
+
+  def one():
+    nonlocal state
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+
+  times = time_calls(one, steps_timed, warmup)
+  return Timed(compiled, compile_s, times, state)
 
 
 def time_jax_steps(setup: JaxSetup, steps_timed: int, warmup: int) -> list[float]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 from typing import Any
 
 import jax
@@ -30,16 +29,9 @@ def measure(layout: Layout, step: Any, state: steps.TrainState,
   runner = parallel.JitRunner(layout)
   state = runner.place_state(state)
   batch = runner.global_batch(host_batch)
-  start = time.perf_counter()
-  compiled = runner.jit_train(step, state).lower(state, batch).compile()
-  compile_s = time.perf_counter() - start
-
-  def one():
-    nonlocal state
-    state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics)
-
-  times = common.time_calls(one, args.steps, args.warmup)
+  timed = common.compile_and_time(runner.jit_train(step, state), state, batch, args.steps,
+                                 args.warmup)
+  compiled, compile_s, times, state = timed.compiled, timed.compile_s, timed.times, timed.state
   peak, kind = common.peak_memory_bytes(compiled)
   summary = parallel.layout_summary(state, runner.mesh)
   return dict(mesh=summary['mesh'], leaves=summary['leaves'],

@@ -99,6 +99,22 @@ def sharding_table(result: dict) -> str:
              rows)])
 
 
+def strategies_table(result: dict) -> str:
+  """One row per strategy (and per phase of gradual unfreezing), with full fine-tuning's step
+  time and optimizer bytes as the reference."""
+  full = next(r for r in result['rows'] if r['strategy'] == 'full')
+  rows = []
+  for r in result['rows']:
+    name = r['strategy'] + (f" phase {r['phase']}" if r['strategy'] == 'gradual' else '')
+    rows.append([name, f"{r['trainable_params']:,}", f"{r['compile_s']:.1f}",
+                 f"{r['step_s'] * 1e3:.0f}", f"{r['step_s'] / full['step_s']:.2f}",
+                 '-' if r['flops'] is None else f"{r['flops'] / 1e9:.2f}",
+                 f"{r['optimizer_state_bytes'] / 2**20:.2f}",
+                 f"{r['optimizer_state_bytes'] / full['optimizer_state_bytes']:.3f}"])
+  return _table(['strategy', 'trainable params', 'compile s', 'step ms', 'step / full',
+                 'GFLOPs/step', 'optimizer MiB', 'optimizer / full'], rows)
+
+
 def render(backend: str) -> str:
   parts = []
   finetune = _load('finetune', backend)
@@ -136,6 +152,16 @@ def render(backend: str) -> str:
                        f"{r['examples_per_s']:.1f}", f"{r['torch_step_s'] * 1e3:.0f}",
                        f"{r['torch_examples_per_s']:.1f}", f"{r['ratio_vs_torch']:.2f}"]
                       for r in text['rows']])]
+  strategies = _load('strategies', backend)
+  if strategies:
+    parts += ['', f"### Fine-tuning strategies: {strategies['model']}, {strategies['image_size']} "
+              f"px, batch {strategies['batch']}, SGD with momentum", '',
+              f"On {strategies['machine']['cpu']} ({strategies['machine']['cpu_count']} cores, "
+              f"{strategies['machine']['device']}), median of {strategies['steps']} steps after "
+              f"{strategies['warmup']} warm-up steps, in one process; gradual unfreezing "
+              'compiles one step per phase (phase 0 is the linear probe, each later phase '
+              'trains one stage more).', '',
+              strategies_table(strategies)]
   cache = _load('compile_cache', backend)
   if cache:
     parts += ['', '### Persistent compilation cache', '',

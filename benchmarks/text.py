@@ -61,19 +61,10 @@ def jax_row(preset: str, batch: dict[str, np.ndarray], args: argparse.Namespace
   config = make_config(preset, args.batch, args.max_length)
   built = build.build(config, 1000)
   step = jax.jit(built.train_step(input_keys=bert.INPUTS), donate_argnums=0)
-  device_batch = jax.tree.map(jnp.asarray, batch)
-  start = time.perf_counter()
-  compiled = step.lower(built.state, device_batch).compile()
-  compile_s = time.perf_counter() - start
-  state = built.state
-
-  def one():
-    nonlocal state
-    state, metrics = compiled(state, device_batch)
-    jax.block_until_ready(metrics)
-
-  times = common.time_calls(one, args.steps, args.warmup)
-  return dict(compile_s=compile_s, step_s=common.median(times), flops=common.flops(compiled))
+  timed = common.compile_and_time(step, built.state, jax.tree.map(jnp.asarray, batch),
+                                  args.steps, args.warmup)
+  return dict(compile_s=timed.compile_s, step_s=common.median(timed.times),
+              flops=common.flops(timed.compiled))
 
 
 class TorchClassifier(torch.nn.Module):

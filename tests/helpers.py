@@ -141,3 +141,30 @@ def read_metrics(workdir) -> list[dict]:
   import json
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     return [json.loads(line) for line in f if line.strip()]
+
+
+def latest_state(workdir) -> dict:
+  """Every array of a workdir's newest checkpoint (step, params, batch_stats, optimizer state),
+  by its key path."""
+  import jax
+
+  from tljax.weights.read import restore_latest
+  flat, _ = jax.tree_util.tree_flatten_with_path(restore_latest(str(workdir)))
+  return {jax.tree_util.keystr(path): np.asarray(value) for path, value in flat}
+
+
+def cut_run_resumes_bit_exact(config, root, last_step: int):
+  """Trains `config` into `root/whole`; copies it to `root/cut` without its final checkpoint
+  (`last_step`) and results, as a kill after the checkpoint before leaves it; trains the copy
+  again. Asserts both end in bitwise the same state; returns (whole, resumed) results."""
+  from tljax import train
+  whole = train.run(config, str(root / 'whole'))
+  shutil.copytree(root / 'whole', root / 'cut')
+  shutil.rmtree(root / 'cut' / 'checkpoints' / str(last_step))
+  os.remove(root / 'cut' / 'results.json')
+  resumed = train.run(config, str(root / 'cut'))
+  expected, actual = latest_state(root / 'whole'), latest_state(root / 'cut')
+  assert expected.keys() == actual.keys()
+  for key in expected:
+    np.testing.assert_array_equal(expected[key], actual[key], err_msg=key)
+  return whole, resumed

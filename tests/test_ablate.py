@@ -308,3 +308,21 @@ def test_tables_read_the_selected_checkpoint_and_show_validation_and_balanced_ac
   columns = [c.strip() for c in header.strip('|').split('|')]
   assert columns[5:9] == ['val accuracy %', 'val balanced accuracy %', 'test accuracy %',
                           'test balanced accuracy %']
+
+
+def test_a_strategy_plot_marks_points_by_trainable_parameters(tmp_path):
+  """Points only, a log x axis, each labelled with its strategy; labels of points at one x
+  stack instead of overlapping."""
+  from unittest import mock
+  rows = [dict(variant=name, strategy=name, trainable_params=params, examples_per_class=20,
+               accuracy_mean=acc, accuracy_std=0.0)
+          for name, params, acc in (('full', 10_000, 0.90), ('decay', 10_000, 0.899),
+                                    ('probe', 100, 0.80))]
+  spec = report.PlotSpec(x='trainable_params', x_log=True, lines=False, annotate='strategy',
+                         reference=None)
+  from matplotlib.axes import Axes
+  with mock.patch.object(Axes, 'annotate', autospec=True) as annotate:
+    report.plot(rows, spec, str(tmp_path / 'plot.png'))
+  placed = {call.args[1]: call.kwargs['xytext'] for call in annotate.call_args_list}
+  assert set(placed) == {'full', 'decay', 'probe'}
+  assert placed['full'] != placed['decay'] and placed['probe'] == placed['full']

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
-from helpers import REPO, small_config, write_npz
+from helpers import REPO, cut_run_resumes_bit_exact, small_config, write_npz
 
 import tljax
 from tljax import build, export, lora, saved_model, train
@@ -118,11 +118,6 @@ def test_an_outside_layout_needs_merge_lora(lora_run, tmp_path):
     export.export(str(lora_run), str(tmp_path / 'hf.safetensors'), 'last', layout='hf')
 
 
-def _state(workdir):
-  flat, _ = jax.tree_util.tree_flatten_with_path(restore_latest(str(workdir)))
-  return {jax.tree_util.keystr(path): np.asarray(value) for path, value in flat}
-
-
 @pytest.mark.slow
 def test_fsdp_with_adapters_resumes_bit_exact(tmp_path):
   """8 simulated devices, every leaf split over them (adapters included); a run cut after its
@@ -131,17 +126,9 @@ def test_fsdp_with_adapters_resumes_bit_exact(tmp_path):
   config = _lora_config(data, **{'sharding.rule': 'fsdp', 'sharding.min_size_mb': 0.0,
                                  'optim.groups': [('lora/.*', {}), ('head/.*', {}),
                                                   ('.*', None)]})
-  results = train.run(config, str(tmp_path / 'whole'))
+  results, resumed = cut_run_resumes_bit_exact(config, tmp_path, 6)
   assert results['sharding']['split_leaves'] > 0 and results['devices'] == 8
-  shutil.copytree(tmp_path / 'whole', tmp_path / 'cut')
-  shutil.rmtree(tmp_path / 'cut' / 'checkpoints' / '6')
-  os.remove(tmp_path / 'cut' / 'results.json')
-  resumed = train.run(config, str(tmp_path / 'cut'))
-  assert resumed['resumed_from_step'] == 3
-  expected, actual = _state(tmp_path / 'whole'), _state(tmp_path / 'cut')
-  assert expected.keys() == actual.keys() and any('lora' in k for k in expected)
-  for key in expected:
-    np.testing.assert_array_equal(expected[key], actual[key], err_msg=key)
+  assert resumed['resumed_from_step'] == 3 and resumed['strategy']['lora']['adapter_params']
 
 
 ENV = {**os.environ, 'JAX_PLATFORMS': 'cpu'}

@@ -172,9 +172,16 @@ def plot(rows: Sequence[Mapping[str, Any]], spec: PlotSpec, path: str, title: st
   if spec.annotate:
     drawn = {row['variant']: row for row in rows if row.get(spec.series) in series
              and row['variant'] not in {name for name, _, _ in references}}
-    for row in drawn.values():
-      axes.annotate(str(row.get(spec.annotate)), (row[spec.x], 100 * row[f'{spec.y}_mean']),
-                    textcoords='offset points', xytext=(4, 3), fontsize=7)
+    ys = [100 * row[f'{spec.y}_mean'] for row in drawn.values()] or [0.0]
+    near = 0.04 * (max(ys) - min(ys) or 1.0)  # labels of points this close at one x would overlap
+    stacked: dict[Any, tuple[float, int]] = {}  # x -> (y of the last label, its shift down)
+    for row in sorted(drawn.values(), key=lambda r: -r[f'{spec.y}_mean']):
+      y = 100 * row[f'{spec.y}_mean']
+      last_y, shift = stacked.get(row[spec.x], (None, -1))
+      shift = shift + 1 if last_y is not None and last_y - y < near else 0
+      stacked[row[spec.x]] = (y, shift)
+      axes.annotate(str(row.get(spec.annotate)), (row[spec.x], y), textcoords='offset points',
+                    xytext=(4, 3 - 8 * shift), fontsize=7)
   if spec.x_log:
     axes.set_xscale('log')
   kinds = {row['variant']: row.get(spec.reference[0]) for row in rows} if spec.reference else {}
