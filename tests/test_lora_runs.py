@@ -110,12 +110,26 @@ def test_the_merged_export_computes_the_adapted_model(lora_run, tmp_path):
 
 
 def test_an_outside_layout_needs_merge_lora(lora_run, tmp_path):
+  """The tljax layout keeps the adapters apart; torchvision's (MobileNetV2, one training step)
+  has no place for them, so it asks for --merge-lora, and with it writes the merged kernel."""
   kept = str(tmp_path / 'kept.safetensors')
   export.export(str(lora_run), kept, 'last')
   from safetensors.numpy import load_file
   assert any(k.startswith('params/lora/') for k in load_file(kept))
+  config = small_config(**{'data.path': write_npz(tmp_path / 'data.npz'), 'total_steps': 1,
+                           'lora.rank': 2, 'lora.targets': ('head/kernel',),
+                           'optim.groups': [('.*', {})], 'freeze.preset': 'linear_probe'})
+  config.model = dict(name='mobilenet_v2', num_classes=3)
+  train.run(config, str(tmp_path / 'mobilenet'))
   with pytest.raises(tljax.errors.UserError, match='--merge-lora'):
-    export.export(str(lora_run), str(tmp_path / 'hf.safetensors'), 'last', layout='hf')
+    export.export(str(tmp_path / 'mobilenet'), str(tmp_path / 'tv.safetensors'), 'last',
+                  layout='torchvision')
+  export.export(str(tmp_path / 'mobilenet'), str(tmp_path / 'tv.safetensors'), 'last',
+                layout='torchvision', merge_lora=True)
+  merged = load_file(str(tmp_path / 'tv.safetensors'))
+  _, variables, _ = saved_model.load(str(tmp_path / 'mobilenet'), 'last')
+  np.testing.assert_allclose(merged['classifier.1.weight'],
+                             np.asarray(variables['params']['head']['kernel']).T, atol=1e-6)
 
 
 @pytest.mark.slow

@@ -73,8 +73,8 @@ def l2sp(strength: float, anchored: Any) -> optax.GradientTransformation:
   `strength * (w - w0)` to the gradient of each leaf where `anchored` is True, w0 being its
   value when the state was initialised (the pretrained weights). The starting point is held
   once, in this transformation's state (so checkpoints keep it), for those leaves only."""
-  def init(params):
-    return L2SPState(jax.tree.map(jnp.asarray, params))
+  def init(params):  # a copy: the train step donates the parameters' buffers
+    return L2SPState(jax.tree.map(jnp.array, params))
 
   def update(updates, state, params=None):
     if params is None:
