@@ -51,6 +51,12 @@ def make_config(model: str, preset: str, image_size: int, batch_size: int,
                                 and not config.data.name)
 
 
+def trainable_params(params: Any, mask: Any) -> int:
+  """Parameters of the leaves `mask` marks trainable."""
+  return sum(int(np.size(p)) for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(mask),
+                                             strict=True) if m)
+
+
 def random_batch(batch_size: int, image_size: int, num_classes: int = 10, seed: int = 0
                  ) -> dict[str, np.ndarray]:
   rng = np.random.default_rng(seed)
@@ -72,8 +78,7 @@ def build_step(config: ml_collections.ConfigDict, make_step: Callable = steps.ma
   lower_s = time.perf_counter() - start
   compiled = lowered.compile()  # XLA compilation, or a persistent-cache hit
   compile_s = time.perf_counter() - start - lower_s
-  trainable = sum(int(np.size(p)) for p, m in zip(jax.tree.leaves(params),
-                                                  jax.tree.leaves(mask), strict=True) if m)
+  trainable = trainable_params(params, mask)
   param_shaped = sum(x.nbytes for x in jax.tree.leaves(state.opt_state) if np.ndim(x))
   return JaxSetup(config, state, batch, compiled, compile_s, lower_s, trainable,
                   optim.state_leaf_stats(state.opt_state)[1], int(param_shaped))

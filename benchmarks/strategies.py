@@ -21,7 +21,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from benchmarks import common
 from tljax import build, optim
@@ -38,9 +37,7 @@ def _row(name: str, built: build.Built, phase: int, batch: dict[str, jax.Array],
     state = built.state_for_phase(state, phase)
   timed = common.compile_and_time(jax.jit(built.train_step(phase=phase), donate_argnums=0),
                                  state, batch, args.steps, args.warmup)
-  mask = built.phases[phase].mask
-  trainable = sum(int(np.size(p)) for p, m in zip(jax.tree.leaves(built.params),
-                                                  jax.tree.leaves(mask), strict=True) if m)
+  trainable = common.trainable_params(built.params, built.phases[phase].mask)
   return dict(strategy=name, phase=phase, compile_s=timed.compile_s,
               step_s=common.median(timed.times), flops=common.flops(timed.compiled),
               trainable_params=trainable,

@@ -77,9 +77,9 @@ def _feature_cut(config: ml_collections.ConfigDict, labels: Any) -> str:
 
 def _cached_features(config: ml_collections.ConfigDict, model, state: steps.TrainState,
                      labels: Any, source: sources.Source, dtype: str | None,
-                     input_keys: tuple[str, ...]) -> tuple[Any, FeatureCache]:
-  """Runs the frozen prefix over the training split once (in the compute dtype); returns the
-  model the train step applies to those features, and the cache."""
+                     input_keys: tuple[str, ...]) -> FeatureCache:
+  """Runs the frozen prefix over the training split once (in the compute dtype); each phase's
+  train step applies its model to these features through `_from_cut`."""
   start = time.perf_counter()
   cut = _feature_cut(config, labels)
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
@@ -95,7 +95,7 @@ def _cached_features(config: ml_collections.ConfigDict, model, state: steps.Trai
     print(f'cached the input of stage {cut!r} for {len(arrays["label"])} examples '
           f'({arrays[features.FEATURES].nbytes / 2**20:.1f} MiB) in {cache.seconds:.1f} s',
           flush=True)
-  return _from_cut(config, model, cut), cache
+  return cache
 
 
 def _from_cut(config: ml_collections.ConfigDict, model, cut: str) -> features.FromCut:
@@ -372,8 +372,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str, source: sources.Source
     feature_cache = None
     input_keys = entry.inputs
     if config.data.cache_features:  # the frozen prefix is the same in every checkpoint
-      _, feature_cache = _cached_features(config, model, state, labels, source, dtype,
-                                          input_keys)
+      feature_cache = _cached_features(config, model, state, labels, source, dtype,
+                                       input_keys)
 
     if start_step:
       state = resume.state
