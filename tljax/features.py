@@ -44,24 +44,35 @@ def _checked_input(args: tuple, module_name: str) -> jax.Array:
   return args[0]
 
 
+def stage_inputs(model: nn.Module, variables: Any, inputs: Sequence[jax.Array],
+                 module_names: Sequence[str], train: bool = False, rngs: Any = None
+                 ) -> tuple[dict[str, jax.Array], Any]:
+  """The input each top-level submodule of `module_names` receives when `model` sees `inputs`
+  (an image batch, or token ids, attention mask and token types), and the model's output, from
+  one forward pass."""
+  seen: dict[str, list[jax.Array]] = {name: [] for name in module_names}
+
+  def record(next_fun, args, kwargs, context):
+    if context.method_name == '__call__' and len(context.module.path) == 1 and (
+        context.module.path[0] in seen):
+      seen[context.module.path[0]].append(_checked_input(args, context.module.path[0]))
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    output = model.apply(variables, *inputs, train=train, rngs=rngs,
+                         mutable=['batch_stats'] if train else False)
+  for name, found in seen.items():
+    if len(found) != 1:
+      raise CacheError(f'cannot take the features at stage {name!r}: the model calls it '
+                       f'{len(found)} times, not once')
+  return {name: found[0] for name, found in seen.items()}, output
+
+
 def prefix_features(model: nn.Module, variables: Any, inputs: Sequence[jax.Array],
                     module_name: str, train: bool = False, rngs: Any = None) -> jax.Array:
   """The input the top-level submodule `module_name` receives when `model` sees `inputs` (an
   image batch, or token ids, attention mask and token types)."""
-  seen: list[jax.Array] = []
-
-  def record(next_fun, args, kwargs, context):
-    if _is_call_of(context, module_name):
-      seen.append(_checked_input(args, module_name))
-    return next_fun(*args, **kwargs)
-
-  with nn.intercept_methods(record):
-    model.apply(variables, *inputs, train=train, rngs=rngs,
-                mutable=['batch_stats'] if train else False)
-  if len(seen) != 1:
-    raise CacheError(f'cannot cache features at stage {module_name!r}: the model calls it '
-                     f'{len(seen)} times, not once')
-  return seen[0]
+  return stage_inputs(model, variables, inputs, (module_name,), train, rngs)[0][module_name]
 
 
 FEATURES = 'features'  # the batch key of cached prefix outputs
