@@ -266,3 +266,21 @@ def test_sweep_agreement_reports_tau_over_the_matched_cuts(earlier_run, tmp_path
   assert sorted(agreed['left_out']['trains every stage (no frozen prefix)']) == [
       'full-seed0', 'full-seed1']
   assert (tmp_path / 'scores' / 'transferability.png').stat().st_size > 1000
+
+
+def test_a_zoo_model_is_scored_beside_the_config_with_its_imagenet_head(earlier_run, tmp_path):
+  run_dir, data = earlier_run
+  config = _arrays_config(data, **{'init.pretrained': str(run_dir), 'model.width': 4})
+  result = score_cuts.run(config, str(tmp_path / 'w'), cuts='head',
+                          models='mobilenet_v2/imagenet')
+  by_model = {}
+  for row in result['rows']:
+    by_model.setdefault(row['model'], []).append(row)
+  assert [r['cut'] for r in by_model[str(run_dir)]] == ['head']  # --cuts: the config's model
+  mobilenet = {r['cut']: r for r in by_model['mobilenet_v2/imagenet']}
+  assert len(mobilenet) == 9 and mobilenet['head']['dims'] == 1280
+  assert mobilenet['stage7']['dims'] == 160 and mobilenet['stage7']['frozen_stages'] == 7
+  # LEEP through ImageNet's 1000 classes: below 0 (no ImageNet class is one of these colour
+  # classes), within reach of chance (log 1/3).
+  assert -math.log(3) - 1 < mobilenet['head']['leep'] < 0
+  assert all(np.isfinite(r['logme']) and 0 <= r['ridge'] <= 1 for r in result['rows'])

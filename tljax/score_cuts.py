@@ -88,8 +88,7 @@ def _pretrained_config(config: ml_collections.ConfigDict, weights: str
   with other.unlocked():
     other.data = config.data.copy_and_resolve_references()
     other.seed = config.seed
-    if entry.labels is None:  # no source head to keep
-      other.init.dont_load = ()
+    other.init.dont_load = ('head/.*',)  # a new head for the target, as the config's own
     for key in ('mean', 'std', 'tokenizer'):  # the model's own normalisation and tokenizer
       if key in other.data:
         other.data[key] = None

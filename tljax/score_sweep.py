@@ -103,7 +103,8 @@ def _measured(sweep_dir: str, scored: Sequence[Any]
       left_out.setdefault(matched, []).append(name)
       continue
     candidate, cut = matched
-    measured = dict(accuracy=float(results['eval']['accuracy']))
+    measured = dict(accuracy=float(results['eval']['accuracy']),
+                    seconds=float(results.get('wall_time_s') or 0.0))
     val = ((results.get('best') or {}).get('val') or {}).get('accuracy')
     if val is not None:
       measured['val_accuracy'] = float(val)
@@ -135,7 +136,8 @@ def agreement(result: dict[str, Any], sweep_dir: str, scored: Sequence[Any]) -> 
   for (model, cut), runs in sorted(found.items(), key=lambda item: rows[item[0]]['frozen_stages']):
     row = rows[(model, cut)]
     point = dict(model=model, cut=cut, frozen_stages=row['frozen_stages'], runs=len(runs),
-                 accuracy=statistics.fmean(r['accuracy'] for r in runs))
+                 accuracy=statistics.fmean(r['accuracy'] for r in runs),
+                 train_seconds=sum(r['seconds'] for r in runs))
     vals = [r['val_accuracy'] for r in runs if 'val_accuracy' in r]
     if len(vals) == len(runs):
       point['val_accuracy'] = statistics.fmean(vals)
@@ -159,7 +161,9 @@ def agreement(result: dict[str, Any], sweep_dir: str, scored: Sequence[Any]) -> 
                                        [p['val_accuracy'] for p in usable])
       table.append(entry)
   return dict(sweep=sweep_dir, points=points, table=table,
-              left_out={reason: names for reason, names in left_out.items()})
+              left_out={reason: names for reason, names in left_out.items()},
+              train_seconds=sum(p['train_seconds'] for p in points),
+              score_seconds=result['seconds'])
 
 
 def _number(value: float | None) -> str:
@@ -168,7 +172,12 @@ def _number(value: float | None) -> str:
 
 def markdown(agreed: dict[str, Any]) -> str:
   """The agreement table, the matched points and what was left out."""
-  lines = [f'Rank agreement with the accuracies measured in {agreed["sweep"]}:', '',
+  runs = sum(p['runs'] for p in agreed['points'])
+  lines = [f'Rank agreement with the accuracies measured in {agreed["sweep"]}. Scoring took '
+           f'{agreed["score_seconds"]:.1f} s (weights, features and scores of every cut, compilation '
+           f'included); the '
+           f'{runs} matched training runs {agreed["train_seconds"]:.0f} s (their wall times), '
+           f'{agreed["train_seconds"] / max(agreed["score_seconds"], 1e-9):.0f}x as long.', '',
            '| score | cuts of | points | Kendall tau (test) | Spearman rho (test) | top-1 hit | '
            'Kendall tau (val) |', '| --- | --- | ---: | ---: | ---: | --- | ---: |']
   for entry in agreed['table']:
