@@ -99,7 +99,7 @@ def _cut_names(stages: Sequence[str], cuts: str, model: str) -> list[str]:
   """The stages whose input is scored: every stage after the first, or those named."""
   if cuts == 'all':
     return list(stages[1:])
-  names = [c.strip() for c in cuts.split(',') if c.strip()]
+  names = list(dict.fromkeys(c.strip() for c in cuts.split(',') if c.strip()))
   unknown = [c for c in names if c not in stages[1:]]
   if unknown or not names:
     raise UserError(f'--cuts {cuts!r}: {unknown or "no stage"} is not a stage of {model!r} '
@@ -220,40 +220,61 @@ def extract(candidate: Candidate, source: Any) -> dict[str, Any]:
               labels=np.concatenate(labels), seconds=time.perf_counter() - start)
 
 
-def _shots(labels: np.ndarray, wanted: int) -> int:
+def _shots(labels: np.ndarray, wanted: int) -> int | None:
   """The ridge probe's shots: `wanted`, lowered to half the smallest class where it has fewer
-  examples than wanted + 1 (the rest of each class tests the probe)."""
+  examples than wanted + 1 (the rest of each class tests the probe); None where a class has a
+  single example (nothing would be left to test on)."""
   smallest = int(np.bincount(labels)[np.unique(labels)].min())
-  return wanted if smallest > wanted else max(1, smallest // 2)
+  if smallest < 2:
+    return None
+  return wanted if smallest > wanted else smallest // 2
 
 
-def score_features(pooled: np.ndarray, labels: np.ndarray, shots: int, seed: int
-                   ) -> tuple[dict[str, float], float]:
-  """LogME, H-score and the ridge probe of one cut's features, and the seconds they took."""
+def score_features(pooled: np.ndarray, labels: np.ndarray, shots: int | None, seed: int
+                   ) -> tuple[dict[str, float | None], float]:
+  """LogME, H-score and the ridge probe (None without shots) of one cut's features, and the
+  seconds they took."""
   start = time.perf_counter()
-  scores = {name: fn(pooled, labels) for name, fn in transferability.FEATURE_SCORES.items()}
-  scores['ridge'] = transferability.ridge_probe(pooled, labels, shots, seed)
+  scores: dict[str, float | None] = {
+      name: fn(pooled, labels) for name, fn in transferability.FEATURE_SCORES.items()}
+  scores['ridge'] = (None if shots is None else
+                     transferability.ridge_probe(pooled, labels, shots, seed))
   return scores, time.perf_counter() - start
+
+
+def _scored_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.data.augment = False  # the features of the examples, not of random crops
+  return config
+
+
+def check_data(candidate: Candidate) -> Any:
+  """The candidate's data source, once its splits are known to suit the config (labels within
+  model.num_classes, every class in the training split), as tljax.train checks them."""
+  from tljax.data import pipeline, sources
+  from tljax.models import get_entry
+  config = _scored_config(candidate.config)
+  source = sources.with_validation(
+      sources.make_source(config.data, get_entry(config.model.name).modality), config.data)
+  pipeline.check_splits(source, config.data, config.model.num_classes)
+  return source
 
 
 def score(candidates_: Sequence[Candidate], shots: int) -> dict[str, Any]:
   """Scores of every cut of every candidate, with the feature and scoring times."""
-  from tljax.data import sources
   from tljax.models import get_entry
   rows, models = [], []
-  for candidate in candidates_:
-    config = candidate.config.copy_and_resolve_references()
-    with config.unlocked():
-      config.data.augment = False  # the features of the examples, not of random crops
-    candidate = dataclasses.replace(candidate, config=config)
+  sources_ = [check_data(candidate) for candidate in candidates_]  # all checked first
+  for candidate, source in zip(candidates_, sources_, strict=True):
+    candidate = dataclasses.replace(candidate, config=_scored_config(candidate.config))
+    config = candidate.config
     entry = get_entry(config.model.name)
-    source = sources.with_validation(sources.make_source(config.data, entry.modality),
-                                     config.data)
     print(f'{candidate.label}: features at {len(candidate.cuts)} cut(s) of '
           f'{config.model.name} ...', flush=True)
     found = extract(candidate, source)
-    labels = found['labels']
-    used_shots = _shots(transferability._checked_labels(labels), shots)
+    labels = transferability._checked_labels(found['labels'])
+    used_shots = _shots(labels, shots)
     source_scores, source_seconds = {}, 0.0
     if found['probabilities'] is not None:
       start = time.perf_counter()
@@ -263,19 +284,23 @@ def score(candidates_: Sequence[Candidate], shots: int) -> dict[str, Any]:
     for name in candidate.cuts:
       pooled = found['features'][name]
       values, seconds = score_features(pooled, labels, used_shots, config.seed)
-      frozen = entry.stages.index(name)
       rows.append(dict(model=candidate.label, model_name=config.model.name, cut=name,
-                       frozen_stages=frozen, dims=int(pooled.shape[1]), seconds=seconds,
-                       **values, **({} if name != entry.stages[-1] else source_scores)))
+                       frozen_stages=entry.stages.index(name), dims=int(pooled.shape[1]),
+                       seconds=seconds, **values,
+                       **(source_scores if name == entry.stages[-1] else {})))
     models.append(dict(model=candidate.label, model_name=config.model.name,
-                       examples=int(len(labels)), classes=int(labels.max()) + 1,
+                       examples=int(len(labels)), classes=int(len(np.unique(labels))),
                        shots=used_shots, feature_seconds=found['seconds'],
                        source_head=found['probabilities'] is not None,
-                       source_seconds=source_seconds))
+                       source_seconds=source_seconds, **source_scores))
     print(f'  {len(labels)} examples, {found["seconds"]:.1f} s for the features (compilation '
           f'included), {sum(r["seconds"] for r in rows if r["model"] == candidate.label):.1f} s '
           'to score them', flush=True)
   return dict(rows=rows, models=models)
+
+
+def _fmt(value: float | None, pattern: str) -> str:
+  return 'n/a' if value is None else pattern.format(value)
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -284,28 +309,74 @@ def markdown(result: dict[str, Any]) -> str:
   lines = ['| rank | model | cut | frozen | dims | LogME | H-score | ridge % | LEEP | NCE | '
            'seconds |', '| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | '
            '---: |']
-  def fmt(value, pattern):
-    return 'n/a' if value is None else pattern.format(value)
   for rank, row in enumerate(rows, 1):
+    ridge = None if row['ridge'] is None else 100 * row['ridge']
     lines.append(
         f'| {rank} | {row["model"]} | {row["cut"]} | {row["frozen_stages"]} | {row["dims"]} | '
-        f'{row["logme"]:.4f} | {row["h_score"]:.3f} | {100 * row["ridge"]:.1f} | '
-        f'{fmt(row.get("leep"), "{:.4f}")} | {fmt(row.get("nce"), "{:.4f}")} | '
+        f'{row["logme"]:.4f} | {row["h_score"]:.3f} | {_fmt(ridge, "{:.1f}")} | '
+        f'{_fmt(row.get("leep"), "{:.4f}")} | {_fmt(row.get("nce"), "{:.4f}")} | '
         f'{row["seconds"]:.2f} |')
-  notes = [f'{m["model"]}: {m["examples"]} examples of {m["classes"]} classes, features in '
-           f'{m["feature_seconds"]:.1f} s (one pass, compilation included); ridge probe on '
-           f'{m["shots"]} per class; LEEP and NCE '
-           + ('from its source head (on the linear-probe cut, the input of the head)'
-              if m['source_head'] else 'n/a (the weights have no source head)')
-           for m in result['models']]
+  notes = []
+  for m in result['models']:
+    probe = (f'ridge probe on {m["shots"]} per class' if m['shots'] is not None else
+             'no ridge probe (a class has a single example)')
+    head = (f'its source head gives LEEP {m["leep"]:.4f} and NCE {m["nce"]:.4f} (shown on the '
+            'linear-probe cut, the input of the head)' if m['source_head'] else
+            'LEEP and NCE n/a (the weights have no source head)')
+    notes.append(f'{m["model"]}: {m["examples"]} examples of {m["classes"]} classes, features '
+                 f'in {m["feature_seconds"]:.1f} s (one pass, compilation included); {probe}; '
+                 f'{head}')
   return '\n'.join(lines) + '\n\n' + '\n'.join(f'- {n}' for n in notes) + '\n'
 
 
-def _request(config: ml_collections.ConfigDict, cuts: str, models: str, shots: int
-             ) -> dict[str, Any]:
-  """What the scores depend on, kept in the results: a rerun with the same request reuses them."""
-  return dict(config=json.loads(config.to_json_best_effort()), cuts=cuts, models=models,
-              shots=shots)
+# Data keys that change neither which examples are scored nor what they look like.
+NOT_SCORED_DATA_KEYS = ('batch_size', 'eval_batch_size', 'augment', 'cache_features',
+                        'cache_decoded', 'shuffle_buffer', 'skip_corrupt_images',
+                        'max_image_pixels')
+
+
+def _fingerprint(path: Any) -> Any:
+  """A file's or folder's size and newest modification, so that scores of replaced weights or
+  data are not reused; None for what is not a path here (a zoo name)."""
+  if not isinstance(path, str) or not os.path.exists(path):
+    return None
+  if os.path.isfile(path):
+    stat = os.stat(path)
+    return [stat.st_size, stat.st_mtime_ns]
+  files = [os.path.join(root, name) for root, _, names in os.walk(path) for name in names
+           if not name.startswith('.tljax-lock')]
+  return [len(files), max((os.stat(f).st_mtime_ns for f in files if os.path.isfile(f)),
+                          default=0)]
+
+
+def _request(found: Sequence[Candidate], models: str, shots: int) -> dict[str, Any]:
+  """What the scores depend on, kept in the results: a rerun with the same request reuses them.
+  Keys that do not change the scores (steps, optimizer, batch sizes) are left out."""
+  config = json.loads(found[0].config.to_json_best_effort())
+  kept = dict(model=config['model'], init=config['init'], seed=config['seed'],
+              data={k: v for k, v in config['data'].items() if k not in NOT_SCORED_DATA_KEYS})
+  return dict(config=kept, cuts=found[0].cuts,
+              models=[c.label for c in found[1:]], shots=shots,
+              inputs={'init.pretrained': _fingerprint(config['init']['pretrained']),
+                      'data.path': _fingerprint(config['data'].get('path'))})
+
+
+ROW_KEYS = dict(model=str, cut=str, frozen_stages=int, dims=int, seconds=(int, float),
+                logme=(int, float), h_score=(int, float))
+
+
+def _complete(result: Any) -> bool:
+  """Whether `result` has every field the tables read (a file edited or cut short has not)."""
+  def number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  return (isinstance(result, dict) and isinstance(result.get('rows'), list)
+          and isinstance(result.get('models'), list) and number(result.get('seconds'))
+          and all(isinstance(row, dict) and all(isinstance(row.get(k), t)
+                                                 for k, t in ROW_KEYS.items())
+                  and (row.get('ridge') is None or number(row['ridge'])) for row in result['rows'])
+          and all(isinstance(m, dict) and isinstance(m.get('model'), str) and
+                  number(m.get('feature_seconds')) and number(m.get('examples'))
+                  for m in result['models']))
 
 
 def _earlier(workdir: str, request: dict[str, Any]) -> dict[str, Any] | None:
@@ -326,40 +397,70 @@ def _earlier(workdir: str, request: dict[str, Any]) -> dict[str, Any] | None:
     changed = workdir_lib.config_differences(earlier.get('request') or {}, request)
     raise UserError(f'{path} holds scores of another request ({"; ".join(changed[:3])}); use '
                     'another --workdir, or move that file away')
+  if not _complete(earlier):
+    raise UserError(f'{path} is incomplete (a row or field is missing or not a number); move '
+                    'it away or use another --workdir')
   return earlier
+
+
+def _check_outputs(workdir: str) -> None:
+  """Refuses output paths taken by something that is not a file (a folder of that name)."""
+  for name in (RESULTS_FILE, TABLE_FILE, PLOT_FILE):
+    path = os.path.join(workdir, name)
+    if os.path.lexists(path) and not os.path.islink(path) and not os.path.isfile(path):
+      raise UserError(f'{path} exists and is not a file; move it away or use another --workdir')
+
+
+def _write(workdir: str, result: dict[str, Any], table: str) -> None:
+  workdir_lib.write_json(os.path.join(workdir, RESULTS_FILE), result)
+  workdir_lib.write_json(os.path.join(workdir, TABLE_FILE), table)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, cuts: str = 'all', models: str = '',
         shots: int = DEFAULT_SHOTS, sweep: str | None = None) -> dict[str, Any]:
   """Scores (or reuses the earlier scores of the same request), compares them with `sweep`,
-  and writes transferability.json and .md (and a plot with a sweep) in `workdir`."""
+  and writes transferability.json and .md (and a plot with a sweep) in `workdir`. Nothing is
+  written before the scores are computed; they are written before the sweep is compared."""
   if shots < 1:
     raise UserError(f'--shots={shots}: the ridge probe needs at least 1 example per class')
   found = candidates(config, cuts, models)
-  request = _request(found[0].config, cuts, models, shots)
+  request = _request(found, models, shots)
   workdir_lib.check_directory(workdir)
   if sweep is not None:
     score_sweep.check_sweep_dir(sweep)
+  if os.path.isdir(workdir):
+    _check_outputs(workdir)
+  result = _earlier(workdir, request) if os.path.isdir(workdir) else None
+  computed = None
+  if result is None:
+    start = time.perf_counter()
+    computed = dict(request=request, **score(found, shots))
+    computed['seconds'] = time.perf_counter() - start
   workdir_lib.check_writable(workdir)
   with workdir_lib.lock(workdir):
-    result = _earlier(workdir, request)
-    if result is None:
-      start = time.perf_counter()
-      result = dict(request=request, **score(found, shots))
-      result['seconds'] = time.perf_counter() - start
-    else:
+    _check_outputs(workdir)
+    earlier = _earlier(workdir, request)  # written meanwhile by a run of the same request?
+    if earlier is not None:
       print(f'{os.path.join(workdir, RESULTS_FILE)} holds these scores already: reused',
             flush=True)
+      result = earlier
+    else:
+      result = computed or result
+    result.pop('agreement', None)
     table = markdown(result)
+    _write(workdir, result, table)
+    plot_path = os.path.join(workdir, PLOT_FILE)
+    plotted = False
     if sweep is not None:
       result['agreement'] = score_sweep.agreement(result, sweep, found)
       table += '\n' + score_sweep.markdown(result['agreement'])
-      score_sweep.plot(result, os.path.join(workdir, PLOT_FILE))
-    workdir_lib.write_json(os.path.join(workdir, RESULTS_FILE), result)
-    workdir_lib.write_json(os.path.join(workdir, TABLE_FILE), table)
+      plotted = score_sweep.plot(result, plot_path)
+      _write(workdir, result, table)
+    if not plotted and os.path.isfile(plot_path) and not os.path.islink(plot_path):
+      os.remove(plot_path)  # a plot of an earlier comparison, no longer in the table
   print(table)
   print(f'wrote {os.path.join(workdir, RESULTS_FILE)} and {TABLE_FILE}'
-        + (f' and {PLOT_FILE}' if sweep is not None else ''))
+        + (f' and {PLOT_FILE}' if plotted else ''))
   return result
 
 
@@ -376,3 +477,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   except UserError as e:
     print('error: ' + ' '.join(str(e).splitlines()), file=sys.stderr)
     sys.exit(exit_status(e))
+  except KeyboardInterrupt:
+    print('error: interrupted; files already in the workdir are whole (each is written to a '
+          'temporary name and renamed); run the same command again', file=sys.stderr)
+    sys.exit(130)

@@ -10,6 +10,7 @@ had a validation split), and the top-1 hit: whether the best-scored cut measured
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 from collections.abc import Sequence
@@ -21,11 +22,10 @@ from tljax import transferability
 from tljax import workdir as workdir_lib
 from tljax.errors import UserError
 
-# Config keys that define the task and the training split: a variant that differs in one of
-# them trained on something else than what was scored.
-TASK_KEYS = ('model.num_classes', 'data.source', 'data.name', 'data.classes',
-             'data.train_split', 'data.val_split', 'data.examples_per_class',
-             'data.image_size', 'data.max_length')
+# A variant that differs from the scored config in model.num_classes or in a data key (all but
+# these, which change neither the examples nor how they look) trained on something else.
+OTHER_DATA_KEYS = ('batch_size', 'eval_batch_size', 'augment', 'cache_features',
+                   'cache_decoded', 'shuffle_buffer', 'skip_corrupt_images', 'max_image_pixels')
 METHOD_NAMES = dict(logme='LogME', h_score='H-score', ridge='ridge probe', leep='LEEP',
                     nce='NCE')
 
@@ -68,6 +68,10 @@ def _match(config: dict[str, Any], results: dict[str, Any], scored: Sequence[Any
       _get(config, 'freeze.unfreeze'):
     return 'a strategy other than a frozen prefix (LoRA or gradual unfreezing)'
   frozen = results.get('frozen_stages')
+  accuracy = (results.get('eval') or {}).get('accuracy') if isinstance(
+      results.get('eval'), dict) else None
+  if not isinstance(frozen, int) or frozen < 0 or not isinstance(accuracy, (int, float)):
+    return 'results.json without a test accuracy or frozen stage count (damaged or edited)'
   if not frozen:
     return 'trains every stage (no frozen prefix)'
   for candidate in scored:
@@ -75,9 +79,11 @@ def _match(config: dict[str, Any], results: dict[str, Any], scored: Sequence[Any
     if _get(config, 'model.name') != mine.model.name or \
         _weights(_get(config, 'init.pretrained')) != _weights(mine.init.pretrained):
       continue
-    reference = mine.to_dict()
+    reference = json.loads(mine.to_json_best_effort())
+    keys = ['model.num_classes', *(f'data.{k}' for k in sorted(
+        set(reference['data']) | set(config.get('data') or {})) if k not in OTHER_DATA_KEYS)]
     changed = [f'{key}={_get(config, key)!r}, scored {_get(reference, key)!r}'
-               for key in TASK_KEYS if _get(config, key) != _get(reference, key)]
+               for key in keys if _get(config, key) != _get(reference, key)]
     if changed:
       return 'trained on other data (' + '; '.join(changed) + ')'
     stages = get_entry(mine.model.name).stages
@@ -95,10 +101,14 @@ def _measured(sweep_dir: str, scored: Sequence[Any]
   left_out: dict[str, list[str]] = {}
   for name in _variant_dirs(sweep_dir):
     workdir = os.path.join(sweep_dir, name)
-    results = workdir_lib.read_results(workdir)
-    config = workdir_lib.saved_config(workdir) or {}
-    matched = 'unfinished (no results.json)' if results is None else _match(config, results,
-                                                                              scored)
+    try:
+      results = workdir_lib.read_results(workdir)
+      config = workdir_lib.saved_config(workdir) or {}
+    except UserError:
+      matched = 'unreadable (a damaged results.json or config.json)'
+    else:
+      matched = ('unfinished (no results.json)' if results is None else
+                 _match(config, results, scored))
     if isinstance(matched, str):
       left_out.setdefault(matched, []).append(name)
       continue
@@ -113,12 +123,14 @@ def _measured(sweep_dir: str, scored: Sequence[Any]
 
 
 def _rank_agreement(scores: list[float], accuracies: list[float]) -> dict[str, Any]:
+  """tau, rho and the top-1 hit; None where a side is constant (no ranking to agree with)."""
   from scipy import stats
+  if len(set(scores)) < 2 or len(set(accuracies)) < 2:
+    return dict(points=len(scores), kendall_tau=None, spearman_rho=None, top1_hit=None)
   tau = stats.kendalltau(scores, accuracies).statistic
   rho = stats.spearmanr(scores, accuracies).statistic
   best = int(np.argmax(scores))
-  return dict(points=len(scores), kendall_tau=None if np.isnan(tau) else float(tau),
-              spearman_rho=None if np.isnan(rho) else float(rho),
+  return dict(points=len(scores), kendall_tau=float(tau), spearman_rho=float(rho),
               top1_hit=bool(accuracies[best] >= max(accuracies)))
 
 
@@ -166,6 +178,9 @@ def agreement(result: dict[str, Any], sweep_dir: str, scored: Sequence[Any]) -> 
               score_seconds=result['seconds'])
 
 
+HIT = {True: 'yes', False: 'no', None: 'n/a'}
+
+
 def _number(value: float | None) -> str:
   return 'n/a' if value is None else f'{value:+.2f}'
 
@@ -174,9 +189,9 @@ def markdown(agreed: dict[str, Any]) -> str:
   """The agreement table, the matched points and what was left out."""
   runs = sum(p['runs'] for p in agreed['points'])
   lines = [f'Rank agreement with the accuracies measured in {agreed["sweep"]}. Scoring took '
-           f'{agreed["score_seconds"]:.1f} s (weights, features and scores of every cut, compilation '
-           f'included); the '
-           f'{runs} matched training runs {agreed["train_seconds"]:.0f} s (their wall times), '
+           f'{agreed["score_seconds"]:.1f} s (weights, features and scores of every cut, '
+           f'compilation included); the {runs} matched training runs '
+           f'{agreed["train_seconds"]:.0f} s (their wall times), '
            f'{agreed["train_seconds"] / max(agreed["score_seconds"], 1e-9):.0f}x as long.', '',
            '| score | cuts of | points | Kendall tau (test) | Spearman rho (test) | top-1 hit | '
            'Kendall tau (val) |', '| --- | --- | ---: | ---: | ---: | --- | ---: |']
@@ -184,7 +199,8 @@ def markdown(agreed: dict[str, Any]) -> str:
     test, val = entry['test'], entry.get('val') or {}
     lines.append(f'| {METHOD_NAMES[entry["method"]]} | {entry["scope"]} | {test["points"]} | '
                  f'{_number(test["kendall_tau"])} | {_number(test["spearman_rho"])} | '
-                 f'{"yes" if test["top1_hit"] else "no"} | {_number(val.get("kendall_tau"))} |')
+                 f'{HIT[test["top1_hit"]]} | '
+                 f'{_number(val.get("kendall_tau"))} |')
   if not agreed['table']:
     lines.append('| (fewer than two matched cuts of any score: no ranking to compare) | | | | | '
                  '| |')
@@ -200,8 +216,9 @@ def markdown(agreed: dict[str, Any]) -> str:
   return '\n'.join(lines) + '\n'
 
 
-def plot(result: dict[str, Any], path: str) -> None:
-  """Score against measured test accuracy, one panel per score, each cut labelled by K."""
+def plot(result: dict[str, Any], path: str) -> bool:
+  """Score against measured test accuracy, one panel per score, each cut labelled by K;
+  False (nothing drawn) where no score has two matched cuts."""
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
@@ -209,7 +226,7 @@ def plot(result: dict[str, Any], path: str) -> None:
   methods = [m for m in transferability.METHODS
              if sum(p.get(m) is not None for p in points) >= 2]
   if not methods:
-    return
+    return False
   figure, axes = plt.subplots(1, len(methods), figsize=(3.4 * len(methods), 3.2), squeeze=False)
   models = list(dict.fromkeys(p['model'] for p in points))
   for axis, method in zip(axes[0], methods, strict=True):
@@ -230,3 +247,4 @@ def plot(result: dict[str, Any], path: str) -> None:
   figure.savefig(path + '.tmp.png', dpi=110)
   plt.close(figure)
   os.replace(path + '.tmp.png', path)
+  return True

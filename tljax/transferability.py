@@ -29,6 +29,11 @@ from tljax.errors import UserError
 LOGME_TOLERANCE = 1e-8
 LOGME_MAX_ITERATIONS = 200
 LOGME_ALPHA_LIMIT = 1e9
+# Features that fit a class exactly would drive the noise precision beta to infinity (and the
+# evidence with it); it stops at this (a noise variance of 1e-9 of a one-hot target's).
+LOGME_BETA_LIMIT = 1e9
+# Larger features are refused: their squares overflow (float32 models stay far below).
+MAX_FEATURE_MAGNITUDE = 1e30
 # The ridge probe's regularisation strengths; leave-one-out error on the fitting examples picks
 # one (features are centred and scaled to unit mean norm first, so the grid is scale-free).
 RIDGE_L2_GRID = tuple(10.0 ** e for e in range(-4, 4))
@@ -74,6 +79,9 @@ def _checked_features(features: np.ndarray) -> np.ndarray:
   if not np.isfinite(f).all():
     raise ScoreError(f'features hold {int((~np.isfinite(f)).sum())} non-finite values (NaN or '
                      'inf); the model overflowed or its inputs are broken')
+  if np.abs(f).max() > MAX_FEATURE_MAGNITUDE:
+    raise ScoreError(f'features reach {np.abs(f).max():.3g} in magnitude (more than '
+                     f'{MAX_FEATURE_MAGNITUDE:g}); the model overflowed or its inputs are broken')
   return f
 
 
@@ -127,11 +135,15 @@ def logme(features: np.ndarray, labels: Sequence[int] | np.ndarray) -> float:
   moving = np.ones(len(alpha), bool)
   for _ in range(LOGME_MAX_ITERATIONS):
     _, mm, residual, gamma = terms(alpha, beta)
-    new_alpha = np.where(moving, gamma / np.maximum(mm, tiny), alpha)
-    new_beta = np.where(moving, (n - gamma) / np.maximum(residual, tiny), beta)
+    new_beta = np.where(moving, np.minimum((n - gamma) / np.maximum(residual, tiny),
+                                           LOGME_BETA_LIMIT), beta)
+    # Past the limit (or with no weight to give: constant features) alpha stops at it.
+    limit = LOGME_ALPHA_LIMIT * np.maximum(new_beta * sigma.max(), 1.0)
+    new_alpha = np.where(moving, np.minimum(
+        np.divide(gamma, mm, out=np.full_like(gamma, np.inf), where=mm > 0), limit), alpha)
     settled = (np.abs(new_alpha - alpha) <= LOGME_TOLERANCE * alpha) & (
         np.abs(new_beta - beta) <= LOGME_TOLERANCE * beta)
-    switched_off = new_alpha > LOGME_ALPHA_LIMIT * new_beta * sigma.max()
+    switched_off = new_alpha >= limit
     alpha, beta = new_alpha, new_beta
     moving &= ~(settled | switched_off)
     if not moving.any():
@@ -157,12 +169,15 @@ def h_score(features: np.ndarray, labels: Sequence[int] | np.ndarray) -> float:
   f = _checked_features(features)
   y = _checked_labels(labels, len(f))
   f = f - f.mean(0)
+  f = f / max(np.abs(f).max(), np.finfo(np.float64).tiny)  # the score is scale-free
   estimate = LedoitWolf(assume_centered=True).fit(f)
   classes = np.unique(y)
   means = np.stack([f[y == c].mean(0) for c in classes])
   weights = np.array([(y == c).mean() for c in classes])
   between = (means * weights[:, None]).T @ means  # Sigma_g (the class means average to 0)
-  inside = np.linalg.solve(estimate.covariance_, (1 - estimate.shrinkage_) * between)
+  # Least squares: constant features have a zero (singular) covariance, and a score of 0.
+  inside = np.linalg.lstsq(estimate.covariance_, (1 - estimate.shrinkage_) * between,
+                           rcond=None)[0]
   return float(np.trace(inside))
 
 

@@ -6,8 +6,9 @@ ImageNet MobileNetV2 and EfficientNet-Lite0, each with its first K stages frozen
 from 1 (the stem) to 9 (all but the head: the linear probe), on 20 cells per class (50 steps)
 and the whole 1,968-cell training split (120 steps), at `make demo`'s 64 px, one seed. The
 frozen prefix is computed once and cached (augmentation off), so a run costs its trainable
-stages. `python -m tljax.transferability --sweep` reads this directory: how well the scores of
-each cut, computed in one forward pass, rank the accuracies these 36 runs measure.
+stages; the linear probe runs without the dropout before the head, which caching refuses.
+`python -m tljax.transferability --sweep` reads this directory: how well the scores of each
+cut, computed in one forward pass, rank the accuracies these 36 runs measure.
 
 Measured: see the README ("Which layers to freeze, before training").
 """
@@ -22,7 +23,10 @@ CUTS = range(1, 10)  # both models have 10 stages; stages:9 trains the head alon
 def get_config(arg=None):
   del arg
   variants = [(f'{short}-stages{k}',
-               {'model.name': name, 'init.pretrained': weights, 'freeze.preset': f'stages:{k}'},
+               {'model.name': name, 'init.pretrained': weights, 'freeze.preset': f'stages:{k}',
+                # The dropout before the head would make the cached prefix random: off for
+                # the linear probe (the other cuts train through it, and keep it).
+                **({'model.dropout': 0.0} if k == CUTS[-1] else {})},
                dict(model=short, cut=k))
               for short, name, weights in MODELS for k in CUTS]
   return Sweep(

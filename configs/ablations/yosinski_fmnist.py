@@ -37,7 +37,8 @@ def get_config(arg=None):
                for n in LAYERS]
   return Sweep(
       title='Fashion-MNIST halves: transfer of the first n layers (Yosinski et al. 2014)',
-      base=BASE, variants=variants, axes=[Axis('seed', 'seed', (0,) if arg == 'seed0' else (0, 1, 2))],
+      base=BASE, variants=variants,
+      axes=[Axis('seed', 'seed', (0,) if arg == 'seed0' else (0, 1, 2))],
       plot=PlotSpec(x='n', series='family', reference=('family', 'baseB'),
                     x_label='layers copied from the base network (n)', series_label='',
                     series_values=('BnB', 'BnB+', 'AnB', 'AnB+')))
