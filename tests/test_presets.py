@@ -131,3 +131,11 @@ def test_resolving_twice_changes_nothing():
   once = resolve.resolve_config(config)
   assert resolve.resolve_config(once).to_json_best_effort() == once.to_json_best_effort()
   assert once.init.dont_load == ('(stage2|head)/.*',)
+
+
+def test_a_preset_with_optim_groups_set_to_none_writes_the_preset_out():
+  # --config.optim.groups=None beside a preset means "no groups of my own" (it crashed).
+  config = resolve.resolve_config(small_config(**{'optim.groups': None,
+                                                  'freeze.preset': 'stages:1'}))
+  assert [pattern for pattern, _ in config.optim.groups] == ['(stem)/.*', '.*']
+  assert config.optim.groups[0][1] is None  # the stem frozen

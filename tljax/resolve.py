@@ -109,7 +109,7 @@ def _with_presets(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   with config.unlocked():
     if preset is not None:
       groups = freeze.preset_groups(preset, stages, config.freeze.head_lr_mult)
-      if repr(list(config.optim.groups)) not in (
+      if config.optim.groups is not None and repr(list(config.optim.groups)) not in (
           repr(list(config_lib.base_config().optim.groups)), repr(groups)):
         raise UserError(f'freeze.preset={preset!r} and optim.groups are both set; '
                         'use one of them')
