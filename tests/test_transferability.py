@@ -223,11 +223,13 @@ def get_config(arg=None):
 """
 
 
-def test_sweep_agreement_reports_tau_over_the_matched_cuts(earlier_run, tmp_path):
-  from scipy import stats
-
+@pytest.fixture(scope='module')
+def small_sweep(earlier_run, tmp_path_factory):
+  """A finished sweep of the small CNN from the earlier run's weights: stages:1..3 and full
+  fine-tuning, two seeds; returns (its base config file, its directory)."""
   from tljax import ablate
   run_dir, data = earlier_run
+  tmp_path = tmp_path_factory.mktemp('sweep')
   base = tmp_path / 'base.py'
   base.write_text(
       'from tljax.config import base_config\n'
@@ -243,6 +245,12 @@ def test_sweep_agreement_reports_tau_over_the_matched_cuts(earlier_run, tmp_path
   sweep_file.write_text(SWEEP.format(base=str(base)))
   sweep_dir = tmp_path / 'sweep'
   ablate.run_sweep(ablate.load_sweep(str(sweep_file)), str(sweep_dir))
+  return base, sweep_dir
+
+
+def test_sweep_agreement_reports_tau_over_the_matched_cuts(small_sweep, tmp_path):
+  from scipy import stats
+  base, sweep_dir = small_sweep
   done = subprocess.run(
       [sys.executable, '-m', 'tljax.transferability', f'--config={base}',
        f'--workdir={tmp_path / "scores"}', f'--sweep={sweep_dir}'],
@@ -286,3 +294,84 @@ def test_a_zoo_model_is_scored_beside_the_config_with_its_imagenet_head(earlier_
   # classes), within reach of chance (log 1/3).
   assert -math.log(3) - 1 < mobilenet['head']['leep'] < 0
   assert all(np.isfinite(r['logme']) and 0 <= r['ridge'] <= 1 for r in result['rows'])
+
+
+def _copy_sweep(sweep_dir, target):
+  import shutil
+  shutil.copytree(sweep_dir, target)
+  return target
+
+
+def _edit_results(path, change):
+  results = json.loads(path.read_text())
+  change(results)
+  path.write_text(json.dumps(results))
+
+
+def test_damaged_or_unmatched_variants_are_left_out_with_the_reason(small_sweep, tmp_path):
+  from tljax import config as config_lib
+  base, sweep_dir = small_sweep
+  sweep = _copy_sweep(sweep_dir, tmp_path / 'sweep')
+  (sweep / 'stages1-seed0' / 'config.json').write_text('{"cut short')
+  _edit_results(sweep / 'stages2-seed0' / 'results.json', lambda r: r.pop('eval'))
+  _edit_results(sweep / 'stages3-seed0' / 'results.json',
+                lambda r: r.update(frozen_stages='3'))
+  (sweep / 'stages2-seed1' / 'results.json').unlink()  # unfinished
+  config = config_lib.load_config_file(str(base))
+  result = score_cuts.run(config, str(tmp_path / 'w'), sweep=str(sweep))
+  left = result['agreement']['left_out']
+  assert left['unreadable (a damaged results.json or config.json)'] == ['stages1-seed0']
+  assert sorted(next(v for k, v in left.items() if k.startswith('results.json without'))) == [
+      'stages2-seed0', 'stages3-seed0']
+  assert left['unfinished (no results.json)'] == ['stages2-seed1']
+  assert [(p['cut'], p['runs']) for p in result['agreement']['points']] == [
+      ('stage1', 1), ('head', 1)]
+  # Trained on other data: every variant left out, and the error says why; the scores of the
+  # config stay written (a rerun reuses them).
+  other = _copy_sweep(sweep_dir, tmp_path / 'other')
+  for path in other.glob('*/config.json'):
+    saved = json.loads(path.read_text())
+    saved['data']['path'] = str(tmp_path / 'elsewhere.npz')
+    path.write_text(json.dumps(saved))
+  with pytest.raises(UserError,
+                     match=r'no finished variant matches.*6 trained on other data \(data.path='):
+    score_cuts.run(config, str(tmp_path / 'w2'), sweep=str(other))
+  assert json.loads((tmp_path / 'w2' / 'transferability.json').read_text())['rows']
+
+
+def test_equal_accuracies_have_no_ranking_and_a_rerun_without_sweep_drops_it(small_sweep,
+                                                                           tmp_path):
+  from tljax import config as config_lib
+  base, sweep_dir = small_sweep
+  sweep = _copy_sweep(sweep_dir, tmp_path / 'sweep')
+  for path in sweep.glob('*/results.json'):
+    _edit_results(path, lambda r: r['eval'].update(accuracy=0.5))
+  config = config_lib.load_config_file(str(base))
+  workdir = tmp_path / 'w'
+  result = score_cuts.run(config, str(workdir), sweep=str(sweep))
+  assert all(e['test'] == dict(points=3, kendall_tau=None, spearman_rho=None, top1_hit=None)
+             for e in result['agreement']['table'])
+  assert (workdir / 'transferability.png').exists()
+  again = score_cuts.run(config, str(workdir))
+  assert 'agreement' not in again and 'Rank agreement' not in (
+      workdir / 'transferability.md').read_text()
+  assert not (workdir / 'transferability.png').exists()
+  # A results file whose rows lost a field is refused, not half-read.
+  saved = json.loads((workdir / 'transferability.json').read_text())
+  del saved['rows'][0]['logme']
+  (workdir / 'transferability.json').write_text(json.dumps(saved))
+  with pytest.raises(UserError, match='incomplete'):
+    score_cuts.run(config, str(workdir))
+
+
+def test_degenerate_features_give_finite_scores():
+  labels = np.arange(12) % 3
+  for features in (np.zeros((12, 5)), np.full((12, 5), 1e20), np.eye(3)[labels],
+                   np.random.default_rng(0).normal(size=(12, 40))):  # n < D
+    for name, score in transferability.FEATURE_SCORES.items():
+      assert np.isfinite(score(features, labels)), name
+  # Features that are the labels fit exactly: LogME's best, above noise.
+  exact = transferability.logme(np.eye(3)[labels], labels)
+  assert exact > transferability.logme(np.random.default_rng(0).normal(size=(12, 3)), labels)
+  with pytest.raises(ScoreError, match='magnitude'):
+    transferability.logme(np.full((12, 5), 1e200), labels)
