@@ -183,12 +183,16 @@ def test_command_refuses_bad_requests_before_writing(earlier_run, tmp_path):
   for kwargs, message in [(dict(cuts='stem'), "'stem'.*choose from stage1, stage2, head"),
                           (dict(models='nonesuch/x'), 'not a zoo name'),
                           (dict(shots=0), 'at least 1'),
+                          (dict(per_class=1), 'at least 2 examples per class'),
                           (dict(sweep=str(tmp_path / 'missing')), 'does not exist')]:
     with pytest.raises(UserError, match=message):
       score_cuts.run(config, str(workdir), **kwargs)
   with pytest.raises(UserError, match='init.pretrained is unset'):
     score_cuts.run(_arrays_config(data), str(workdir))
   assert not workdir.exists()
+  # --per-class scores a seeded subset: 4 of each of the 3 classes (16 each in the split).
+  subset = score_cuts.run(config, str(workdir), per_class=4, shots=2)
+  assert subset['models'][0]['examples'] == 12 and subset['request']['per_class'] == 4
 
 
 def test_a_split_of_one_class_is_one_error_line(tmp_path, earlier_run):

@@ -71,6 +71,9 @@ def _parser() -> cli.ArgumentParser:
                            '(e.g. efficientnet_lite0/imagenet)')
   parser.add_argument('--shots', type=int, default=DEFAULT_SHOTS,
                       help='examples per class the ridge probe fits (the rest test it)')
+  parser.add_argument('--per-class', type=int, default=None,
+                      help='score at most this many training examples per class (a seeded '
+                           'subset, as data.examples_per_class draws it); default: all')
   parser.add_argument('--sweep', default=None,
                       help='a finished tljax.ablate directory: rank agreement with its accuracies')
   return parser
@@ -242,32 +245,44 @@ def score_features(pooled: np.ndarray, labels: np.ndarray, shots: int | None, se
   return scores, time.perf_counter() - start
 
 
-def _scored_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+def _scored_config(config: ml_collections.ConfigDict, per_class: int | None = None
+                   ) -> ml_collections.ConfigDict:
+  """The config the features are computed with: no augmentation, the evaluation batch size,
+  and at most `per_class` examples of each class (a subset drawn as data.examples_per_class
+  draws it)."""
   config = config.copy_and_resolve_references()
   with config.unlocked():
     config.data.augment = False  # the features of the examples, not of random crops
+    config.data.batch_size = config.data.eval_batch_size or config.data.batch_size
+    if per_class is not None:
+      current = config.data.examples_per_class
+      config.data.examples_per_class = per_class if current is None else min(current,
+                                                                                per_class)
   return config
 
 
-def check_data(candidate: Candidate) -> Any:
+def check_data(candidate: Candidate, per_class: int | None = None) -> Any:
   """The candidate's data source, once its splits are known to suit the config (labels within
   model.num_classes, every class in the training split), as tljax.train checks them."""
   from tljax.data import pipeline, sources
   from tljax.models import get_entry
-  config = _scored_config(candidate.config)
+  config = _scored_config(candidate.config, per_class)
   source = sources.with_validation(
       sources.make_source(config.data, get_entry(config.model.name).modality), config.data)
   pipeline.check_splits(source, config.data, config.model.num_classes)
   return source
 
 
-def score(candidates_: Sequence[Candidate], shots: int) -> dict[str, Any]:
-  """Scores of every cut of every candidate, with the feature and scoring times."""
+def score(candidates_: Sequence[Candidate], shots: int, per_class: int | None = None
+          ) -> dict[str, Any]:
+  """Scores of every cut of every candidate (on at most `per_class` examples of each class),
+  with the feature and scoring times."""
   from tljax.models import get_entry
   rows, models = [], []
-  sources_ = [check_data(candidate) for candidate in candidates_]  # all checked first
+  sources_ = [check_data(candidate, per_class) for candidate in candidates_]  # checked first
   for candidate, source in zip(candidates_, sources_, strict=True):
-    candidate = dataclasses.replace(candidate, config=_scored_config(candidate.config))
+    candidate = dataclasses.replace(candidate,
+                                    config=_scored_config(candidate.config, per_class))
     config = candidate.config
     entry = get_entry(config.model.name)
     print(f'{candidate.label}: features at {len(candidate.cuts)} cut(s) of '
@@ -349,14 +364,15 @@ def _fingerprint(path: Any) -> Any:
                           default=0)]
 
 
-def _request(found: Sequence[Candidate], models: str, shots: int) -> dict[str, Any]:
+def _request(found: Sequence[Candidate], shots: int, per_class: int | None
+             ) -> dict[str, Any]:
   """What the scores depend on, kept in the results: a rerun with the same request reuses them.
   Keys that do not change the scores (steps, optimizer, batch sizes) are left out."""
   config = json.loads(found[0].config.to_json_best_effort())
   kept = dict(model=config['model'], init=config['init'], seed=config['seed'],
               data={k: v for k, v in config['data'].items() if k not in NOT_SCORED_DATA_KEYS})
   return dict(config=kept, cuts=found[0].cuts,
-              models=[c.label for c in found[1:]], shots=shots,
+              models=[c.label for c in found[1:]], shots=shots, per_class=per_class,
               inputs={'init.pretrained': _fingerprint(config['init']['pretrained']),
                       'data.path': _fingerprint(config['data'].get('path'))})
 
@@ -417,14 +433,18 @@ def _write(workdir: str, result: dict[str, Any], table: str) -> None:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, cuts: str = 'all', models: str = '',
-        shots: int = DEFAULT_SHOTS, sweep: str | None = None) -> dict[str, Any]:
+        shots: int = DEFAULT_SHOTS, sweep: str | None = None, per_class: int | None = None
+        ) -> dict[str, Any]:
   """Scores (or reuses the earlier scores of the same request), compares them with `sweep`,
   and writes transferability.json and .md (and a plot with a sweep) in `workdir`. Nothing is
   written before the scores are computed; they are written before the sweep is compared."""
   if shots < 1:
     raise UserError(f'--shots={shots}: the ridge probe needs at least 1 example per class')
+  if per_class is not None and per_class < 2:
+    raise UserError(f'--per-class={per_class}: score at least 2 examples per class (or leave '
+                    'it out to score the whole training split)')
   found = candidates(config, cuts, models)
-  request = _request(found, models, shots)
+  request = _request(found, shots, per_class)
   workdir_lib.check_directory(workdir)
   if sweep is not None:
     score_sweep.check_sweep_dir(sweep)
@@ -434,7 +454,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, cuts: str = 'all', mode
   computed = None
   if result is None:
     start = time.perf_counter()
-    computed = dict(request=request, **score(found, shots))
+    computed = dict(request=request, **score(found, shots, per_class))
     computed['seconds'] = time.perf_counter() - start
   workdir_lib.check_writable(workdir)
   with workdir_lib.lock(workdir):
@@ -473,7 +493,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     config = config_lib.apply_overrides(
         config_lib.load_config_file(args.config, ml_collections.ConfigDict), overrides,
         args.config)
-    run(config, args.workdir, args.cuts, args.models, args.shots, args.sweep)
+    run(config, args.workdir, args.cuts, args.models, args.shots, args.sweep, args.per_class)
   except UserError as e:
     print('error: ' + ' '.join(str(e).splitlines()), file=sys.stderr)
     sys.exit(exit_status(e))

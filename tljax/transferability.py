@@ -2,7 +2,8 @@
 estimated from one forward pass instead of a training run per candidate.
 
   python -m tljax.transferability --config=CONFIG --workdir=DIR [--config.a.b=value ...]
-      [--cuts all|STAGE,...] [--models ZOO,...] [--sweep ABLATION_DIR]
+      [--cuts all|STAGE,...] [--models ZOO,...] [--per-class N] [--shots K]
+      [--sweep ABLATION_DIR]
 
 Every score is a pure function of host arrays: `features` (examples x dimensions, pooled),
 integer `labels` (0..C-1), and for LEEP and NCE the source model's class probabilities on the
