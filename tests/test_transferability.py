@@ -321,6 +321,9 @@ def test_damaged_or_unmatched_variants_are_left_out_with_the_reason(small_sweep,
   _edit_results(sweep / 'stages3-seed0' / 'results.json',
                 lambda r: r.update(frozen_stages='3'))
   (sweep / 'stages2-seed1' / 'results.json').unlink()  # unfinished
+  saved = json.loads((sweep / 'full-seed1' / 'config.json').read_text())
+  saved['lora'] = 'none'  # valid JSON, values of the wrong kind
+  (sweep / 'full-seed1' / 'config.json').write_text(json.dumps(saved))
   config = config_lib.load_config_file(str(base))
   result = score_cuts.run(config, str(tmp_path / 'w'), sweep=str(sweep))
   left = result['agreement']['left_out']
@@ -328,6 +331,7 @@ def test_damaged_or_unmatched_variants_are_left_out_with_the_reason(small_sweep,
   assert sorted(next(v for k, v in left.items() if k.startswith('results.json without'))) == [
       'stages2-seed0', 'stages3-seed0']
   assert left['unfinished (no results.json)'] == ['stages2-seed1']
+  assert next(v for k, v in left.items() if 'wrong kind' in k) == ['full-seed1']
   assert [(p['cut'], p['runs']) for p in result['agreement']['points']] == [
       ('stage1', 1), ('head', 1)]
   # Trained on other data: every variant left out, and the error says why; the scores of the
@@ -360,12 +364,15 @@ def test_equal_accuracies_have_no_ranking_and_a_rerun_without_sweep_drops_it(sma
   assert 'agreement' not in again and 'Rank agreement' not in (
       workdir / 'transferability.md').read_text()
   assert not (workdir / 'transferability.png').exists()
-  # A results file whose rows lost a field is refused, not half-read.
-  saved = json.loads((workdir / 'transferability.json').read_text())
-  del saved['rows'][0]['logme']
-  (workdir / 'transferability.json').write_text(json.dumps(saved))
-  with pytest.raises(UserError, match='incomplete'):
-    score_cuts.run(config, str(workdir))
+  # A results file whose rows lost a field, a row, or hold a string is refused, not half-read.
+  saved = (workdir / 'transferability.json').read_text()
+  for edit in (lambda r: r['rows'][0].pop('logme'), lambda r: r['rows'].pop(),
+               lambda r: r['rows'][-1].update(leep='abc'), lambda r: r['models'][0].pop('nce')):
+    edited = json.loads(saved)
+    edit(edited)
+    (workdir / 'transferability.json').write_text(json.dumps(edited))
+    with pytest.raises(UserError, match='incomplete'):
+      score_cuts.run(config, str(workdir))
 
 
 def test_degenerate_features_give_finite_scores():
@@ -379,3 +386,27 @@ def test_degenerate_features_give_finite_scores():
   assert exact > transferability.logme(np.random.default_rng(0).normal(size=(12, 3)), labels)
   with pytest.raises(ScoreError, match='magnitude'):
     transferability.logme(np.full((12, 5), 1e200), labels)
+
+
+def test_near_equal_scores_or_accuracies_are_no_ranking():
+  from tljax import score_sweep
+  tied = score_sweep._rank_agreement([-0.7103119604690988, -0.7103119604690987, -0.71031196046909],
+                                     [0.9, 0.8, 0.5])
+  assert tied == dict(points=3, kendall_tau=None, spearman_rho=None, top1_hit=None)
+  ranked = score_sweep._rank_agreement([1.0, 2.0, 3.0], [0.5, 0.8, 0.9])
+  assert ranked['kendall_tau'] == pytest.approx(1.0) and ranked['top1_hit'] is True
+
+
+def test_scores_kept_inside_the_weights_workdir_are_reused(earlier_run, tmp_path):
+  import shutil
+  run_dir, data = earlier_run
+  weights = tmp_path / 'weights'
+  shutil.copytree(run_dir, weights)
+  config = _arrays_config(data, **{'init.pretrained': str(weights) + '/', 'model.width': 4})
+  first = score_cuts.run(config, str(weights / 'scores'), cuts='head,stage1')
+  assert [r['cut'] for r in first['rows']] == ['stage1', 'head']  # the model's order
+  # Its own files do not change the weights' fingerprint; the same cuts in another order and
+  # the same folder spelt without the slash are the same request.
+  config = _arrays_config(data, **{'init.pretrained': str(weights), 'model.width': 4})
+  again = score_cuts.run(config, str(weights / 'scores'), cuts='stage1,head')
+  assert again['rows'] == first['rows']

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -102,12 +103,12 @@ def _cut_names(stages: Sequence[str], cuts: str, model: str) -> list[str]:
   """The stages whose input is scored: every stage after the first, or those named."""
   if cuts == 'all':
     return list(stages[1:])
-  names = list(dict.fromkeys(c.strip() for c in cuts.split(',') if c.strip()))
-  unknown = [c for c in names if c not in stages[1:]]
+  names = {c.strip() for c in cuts.split(',') if c.strip()}
+  unknown = sorted(c for c in names if c not in stages[1:])
   if unknown or not names:
     raise UserError(f'--cuts {cuts!r}: {unknown or "no stage"} is not a stage of {model!r} '
                     f'after its first; choose from {", ".join(stages[1:])} or \'all\'')
-  return names
+  return [stage for stage in stages[1:] if stage in names]  # in the model's order
 
 
 def candidates(config: ml_collections.ConfigDict, cuts: str, models: str) -> list[Candidate]:
@@ -145,9 +146,15 @@ def _source_classes(config: ml_collections.ConfigDict) -> int | None:
     entry = zoo.get(weights)
     return entry.num_classes if entry.labels is not None and entry.num_classes else None
   if os.path.isdir(weights):
-    record = saved_model.read_record(weights)
-    if record['model'].get('name') == config.model.name:
-      return int(record['model']['num_classes'])
+    model = saved_model.read_record(weights)['model']
+    if model.get('name') != config.model.name:
+      return None
+    classes = model.get('num_classes')
+    if not isinstance(classes, int) or isinstance(classes, bool) or classes < 1:
+      raise UserError(f'{os.path.join(weights, saved_model.RECORD_FILE)}: model.num_classes is '
+                      f'{classes!r}, not a class count; the workdir is damaged (restore that '
+                      'file, or name other weights in init.pretrained)')
+    return classes
   return None
 
 
@@ -350,49 +357,84 @@ NOT_SCORED_DATA_KEYS = ('batch_size', 'eval_batch_size', 'augment', 'cache_featu
                         'max_image_pixels')
 
 
-def _fingerprint(path: Any) -> Any:
+def _fingerprint(path: Any, workdir: str) -> Any:
   """A file's or folder's size and newest modification, so that scores of replaced weights or
-  data are not reused; None for what is not a path here (a zoo name)."""
+  data are not reused; None for what is not a path here (a zoo name). This command's own
+  outputs (`workdir`, and its files, wherever it is) do not count."""
   if not isinstance(path, str) or not os.path.exists(path):
     return None
   if os.path.isfile(path):
     stat = os.stat(path)
     return [stat.st_size, stat.st_mtime_ns]
-  files = [os.path.join(root, name) for root, _, names in os.walk(path) for name in names
-           if not name.startswith('.tljax-lock')]
+  mine = os.path.realpath(workdir)
+  files = [os.path.join(root, name) for root, dirs, names in os.walk(path)
+           if not (os.path.realpath(root) + os.sep).startswith(mine + os.sep)
+           for name in names if not name.startswith(('.tljax-lock', 'transferability.'))]
   return [len(files), max((os.stat(f).st_mtime_ns for f in files if os.path.isfile(f)),
                           default=0)]
 
 
-def _request(found: Sequence[Candidate], shots: int, per_class: int | None
+def _real(value: Any) -> Any:
+  """A path as its real path, so that a link, a trailing slash or a relative spelling of the
+  same file is the same request; anything else as it is."""
+  return os.path.realpath(value) if isinstance(value, str) and value and os.path.exists(
+      value) else value
+
+
+def _request(found: Sequence[Candidate], shots: int, per_class: int | None, workdir: str
              ) -> dict[str, Any]:
   """What the scores depend on, kept in the results: a rerun with the same request reuses them.
   Keys that do not change the scores (steps, optimizer, batch sizes) are left out."""
   config = json.loads(found[0].config.to_json_best_effort())
+  for section, key in (('init', 'pretrained'), ('data', 'path')):
+    if key in config[section]:
+      config[section][key] = _real(config[section][key])
   kept = dict(model=config['model'], init=config['init'], seed=config['seed'],
               data={k: v for k, v in config['data'].items() if k not in NOT_SCORED_DATA_KEYS})
   return dict(config=kept, cuts=found[0].cuts,
               models=[c.label for c in found[1:]], shots=shots, per_class=per_class,
-              inputs={'init.pretrained': _fingerprint(config['init']['pretrained']),
-                      'data.path': _fingerprint(config['data'].get('path'))})
+              inputs={'init.pretrained': _fingerprint(config['init']['pretrained'], workdir),
+                      'data.path': _fingerprint(config['data'].get('path'), workdir)})
 
 
-ROW_KEYS = dict(model=str, cut=str, frozen_stages=int, dims=int, seconds=(int, float),
-                logme=(int, float), h_score=(int, float))
+def _number(value: Any) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _complete(result: Any) -> bool:
-  """Whether `result` has every field the tables read (a file edited or cut short has not)."""
-  def number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-  return (isinstance(result, dict) and isinstance(result.get('rows'), list)
-          and isinstance(result.get('models'), list) and number(result.get('seconds'))
-          and all(isinstance(row, dict) and all(isinstance(row.get(k), t)
-                                                 for k, t in ROW_KEYS.items())
-                  and (row.get('ridge') is None or number(row['ridge'])) for row in result['rows'])
-          and all(isinstance(m, dict) and isinstance(m.get('model'), str) and
-                  number(m.get('feature_seconds')) and number(m.get('examples'))
-                  for m in result['models']))
+def _optional_number(value: Any) -> bool:
+  return value is None or _number(value)
+
+
+ROW_NUMBERS = ('seconds', 'logme', 'h_score')
+MODEL_FIELDS = dict(examples=int, classes=int, feature_seconds=float, source_seconds=float)
+
+
+def _complete(result: dict[str, Any]) -> bool:
+  """Whether `result` has every field the tables read, one row per scored cut of each model
+  (a file edited or cut short has not)."""
+  rows, models = result.get('rows'), result.get('models')
+  if not (isinstance(rows, list) and isinstance(models, list) and _number(result.get('seconds'))
+          and all(isinstance(m, dict) for m in models) and all(isinstance(r, dict)
+                                                               for r in rows)):
+    return False
+  for m in models:
+    if not (isinstance(m.get('model'), str) and all(_number(m.get(k)) for k in MODEL_FIELDS)
+            and isinstance(m.get('source_head'), bool)
+            and all((_number if m['source_head'] else _optional_number)(m.get(k))
+                    for k in ('leep', 'nce'))
+            and (m.get('shots') is None or isinstance(m.get('shots'), int))):
+      return False
+  for row in rows:
+    if not (isinstance(row.get('model'), str) and isinstance(row.get('cut'), str)
+            and isinstance(row.get('frozen_stages'), int) and isinstance(row.get('dims'), int)
+            and all(_number(row.get(k)) for k in ROW_NUMBERS)
+            and all(_optional_number(row.get(k)) for k in ('ridge', 'leep', 'nce'))):
+      return False
+  keys = [(row['model'], row['cut']) for row in rows]
+  scored = [m['model'] for m in models]
+  first = [cut for model, cut in keys if model == scored[0]] if scored else []
+  return (len(set(keys)) == len(keys) and {model for model, _ in keys} == set(scored)
+          and len(scored) == len(set(scored)) and first == result['request'].get('cuts'))
 
 
 def _earlier(workdir: str, request: dict[str, Any]) -> dict[str, Any] | None:
@@ -409,6 +451,9 @@ def _earlier(workdir: str, request: dict[str, Any]) -> dict[str, Any] | None:
   except (OSError, ValueError) as e:
     raise UserError(f'{path} cannot be read ({type(e).__name__}: {str(e)[:80]}); move it '
                     'away or use another --workdir') from None
+  if not isinstance(earlier.get('request'), dict):
+    raise UserError(f'{path} cannot be read (its request is not a mapping); move it away or '
+                    'use another --workdir')
   if earlier.get('request') != request:
     changed = workdir_lib.config_differences(earlier.get('request') or {}, request)
     raise UserError(f'{path} holds scores of another request ({"; ".join(changed[:3])}); use '
@@ -444,7 +489,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, cuts: str = 'all', mode
     raise UserError(f'--per-class={per_class}: score at least 2 examples per class (or leave '
                     'it out to score the whole training split)')
   found = candidates(config, cuts, models)
-  request = _request(found, shots, per_class)
+  request = _request(found, shots, per_class, workdir)
   workdir_lib.check_directory(workdir)
   if sweep is not None:
     score_sweep.check_sweep_dir(sweep)
@@ -470,14 +515,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, cuts: str = 'all', mode
     table = markdown(result)
     _write(workdir, result, table)
     plot_path = os.path.join(workdir, PLOT_FILE)
+    if os.path.isfile(plot_path) and not os.path.islink(plot_path):
+      os.remove(plot_path)  # of an earlier comparison, no longer in the table
     plotted = False
     if sweep is not None:
       result['agreement'] = score_sweep.agreement(result, sweep, found)
       table += '\n' + score_sweep.markdown(result['agreement'])
       plotted = score_sweep.plot(result, plot_path)
       _write(workdir, result, table)
-    if not plotted and os.path.isfile(plot_path) and not os.path.islink(plot_path):
-      os.remove(plot_path)  # a plot of an earlier comparison, no longer in the table
   print(table)
   print(f'wrote {os.path.join(workdir, RESULTS_FILE)} and {TABLE_FILE}'
         + (f' and {PLOT_FILE}' if plotted else ''))

@@ -54,8 +54,16 @@ def _get(config: dict[str, Any], key: str) -> Any:
 
 
 def _weights(value: Any) -> Any:
-  """init.pretrained in a comparable form (a path as its real path)."""
-  return os.path.realpath(value) if isinstance(value, str) and os.path.exists(value) else value
+  """A value in a comparable form: a path (init.pretrained, data.path) as its real path."""
+  return os.path.realpath(value) if isinstance(value, str) and value and os.path.exists(
+      value) else value
+
+
+def _fraction(value: Any) -> float | None:
+  """An accuracy as a float in [0, 1], or None for anything else (an edited file)."""
+  if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1:
+    return float(value)
+  return None
 
 
 def _match(config: dict[str, Any], results: dict[str, Any], scored: Sequence[Any]
@@ -68,9 +76,9 @@ def _match(config: dict[str, Any], results: dict[str, Any], scored: Sequence[Any
       _get(config, 'freeze.unfreeze'):
     return 'a strategy other than a frozen prefix (LoRA or gradual unfreezing)'
   frozen = results.get('frozen_stages')
-  accuracy = (results.get('eval') or {}).get('accuracy') if isinstance(
+  accuracy = _fraction(results['eval'].get('accuracy')) if isinstance(
       results.get('eval'), dict) else None
-  if not isinstance(frozen, int) or frozen < 0 or not isinstance(accuracy, (int, float)):
+  if not isinstance(frozen, int) or isinstance(frozen, bool) or frozen < 0 or accuracy is None:
     return 'results.json without a test accuracy or frozen stage count (damaged or edited)'
   if not frozen:
     return 'trains every stage (no frozen prefix)'
@@ -83,7 +91,7 @@ def _match(config: dict[str, Any], results: dict[str, Any], scored: Sequence[Any
     keys = ['model.num_classes', *(f'data.{k}' for k in sorted(
         set(reference['data']) | set(config.get('data') or {})) if k not in OTHER_DATA_KEYS)]
     changed = [f'{key}={_get(config, key)!r}, scored {_get(reference, key)!r}'
-               for key in keys if _get(config, key) != _get(reference, key)]
+               for key in keys if _weights(_get(config, key)) != _weights(_get(reference, key))]
     if changed:
       return 'trained on other data (' + '; '.join(changed) + ')'
     stages = get_entry(mine.model.name).stages
@@ -107,17 +115,23 @@ def _measured(sweep_dir: str, scored: Sequence[Any]
     except UserError:
       matched = 'unreadable (a damaged results.json or config.json)'
     else:
-      matched = ('unfinished (no results.json)' if results is None else
-                 _match(config, results, scored))
+      try:
+        matched = ('unfinished (no results.json)' if results is None else
+                   _match(config, results, scored))
+      except (AttributeError, TypeError, ValueError, KeyError):
+        matched = 'config.json or results.json with values of the wrong kind (edited?)'
     if isinstance(matched, str):
       left_out.setdefault(matched, []).append(name)
       continue
     candidate, cut = matched
-    measured = dict(accuracy=float(results['eval']['accuracy']),
-                    seconds=float(results.get('wall_time_s') or 0.0))
-    val = ((results.get('best') or {}).get('val') or {}).get('accuracy')
+    wall = results.get('wall_time_s')
+    measured = dict(accuracy=_fraction(results['eval']['accuracy']),
+                    seconds=float(wall) if isinstance(wall, (int, float)) and wall > 0 else 0.0)
+    best = results.get('best')
+    val = best.get('val') if isinstance(best, dict) else None
+    val = _fraction(val.get('accuracy')) if isinstance(val, dict) else None
     if val is not None:
-      measured['val_accuracy'] = float(val)
+      measured['val_accuracy'] = val
     found.setdefault((candidate.label, cut), []).append(measured)
   return found, left_out
 
@@ -125,7 +139,9 @@ def _measured(sweep_dir: str, scored: Sequence[Any]
 def _rank_agreement(scores: list[float], accuracies: list[float]) -> dict[str, Any]:
   """tau, rho and the top-1 hit; None where a side is constant (no ranking to agree with)."""
   from scipy import stats
-  if len(set(scores)) < 2 or len(set(accuracies)) < 2:
+  def constant(values):  # equal up to rounding: no order to compare
+    return max(values) - min(values) <= 1e-9 * max(1.0, max(abs(v) for v in values))
+  if constant(scores) or constant(accuracies):
     return dict(points=len(scores), kendall_tau=None, spearman_rho=None, top1_hit=None)
   tau = stats.kendalltau(scores, accuracies).statistic
   rho = stats.spearmanr(scores, accuracies).statistic
@@ -227,6 +243,11 @@ def plot(result: dict[str, Any], path: str) -> bool:
              if sum(p.get(m) is not None for p in points) >= 2]
   if not methods:
     return False
+  temporary = path + '.tmp.png'
+  if os.path.lexists(temporary):  # left by a killed run, or planted: never written through
+    if os.path.isdir(temporary) and not os.path.islink(temporary):
+      raise UserError(f'{temporary} is a directory; move it away and run again')
+    os.unlink(temporary)
   figure, axes = plt.subplots(1, len(methods), figsize=(3.4 * len(methods), 3.2), squeeze=False)
   models = list(dict.fromkeys(p['model'] for p in points))
   for axis, method in zip(axes[0], methods, strict=True):
@@ -244,7 +265,7 @@ def plot(result: dict[str, Any], path: str) -> bool:
   figure.suptitle('score of each cut (labelled by frozen stages) against the accuracy its '
                   'run measured', fontsize=9)
   figure.tight_layout()
-  figure.savefig(path + '.tmp.png', dpi=110)
+  figure.savefig(temporary, dpi=110)
   plt.close(figure)
-  os.replace(path + '.tmp.png', path)
+  os.replace(temporary, path)
   return True

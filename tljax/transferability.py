@@ -288,7 +288,12 @@ METHODS = ('logme', 'h_score', 'ridge', 'leep', 'nce')
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  from tljax import score_cuts
+  import sys
+  try:
+    from tljax import score_cuts
+  except KeyboardInterrupt:  # Ctrl-C while the libraries load: nothing was written
+    print('error: interrupted before anything was written', file=sys.stderr)
+    sys.exit(130)
   score_cuts.main(argv)
 
 

@@ -82,6 +82,9 @@ def write_json(path: str, value: Any) -> None:
   tmp = f'{path}.tmp'
   try:
     if os.path.lexists(tmp):  # left by a killed run, or planted: never written through
+      if os.path.isdir(tmp) and not os.path.islink(tmp):
+        raise WorkdirError(f'{tmp} is a directory where a temporary file goes; move it away '
+                           'and run the same command again')
       os.unlink(tmp)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
     with os.fdopen(fd, 'w') as f:
