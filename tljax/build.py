@@ -79,8 +79,9 @@ class Built:
     return state.replace(opt_state=unfreeze.carry_state(state.opt_state, fresh))
 
 
-def _variables(config: ml_collections.ConfigDict, model: Any
-               ) -> tuple[dict[str, Any], dict[str, list[str]] | None]:
+def load_variables(config: ml_collections.ConfigDict, model: Any
+                   ) -> tuple[dict[str, Any], dict[str, list[str]] | None]:
+  """`model`'s variables: init.pretrained loaded (the merge report beside them), or fresh (None)."""
   entry = get_entry(config.model.name)
   size = config.data.max_length if entry.modality == 'text' else config.data.image_size
   init = functools.partial(init_variables, model, size, config.data.channels, config.seed,
@@ -201,7 +202,7 @@ def build(config: ml_collections.ConfigDict, total_steps: int | None = None) -> 
   `total_steps` (default: config.total_steps)."""
   model_kwargs = {k: v for k, v in config.model.to_dict().items() if k != 'name'}
   model = build_model(config.model.name, **model_kwargs)
-  variables, report = _variables(config, model)
+  variables, report = load_variables(config, model)
   batch_stats = variables.get('batch_stats', {})
   planned = plan(config, model, variables['params'], report is not None)
   params = planned.params

@@ -42,23 +42,6 @@ class Candidate:
   cuts: list[str]  # stage names whose input is scored
 
 
-def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
-  """(the other arguments, [(KEY, VALUE) of each --config.KEY=VALUE]) as tljax.train reads them."""
-  rest, overrides = [], []
-  args = iter(argv)
-  for arg in args:
-    if arg.startswith('--config.'):
-      key, has_value, text = arg[len('--config.'):].partition('=')
-      if not has_value:
-        text = next(args, None)
-        if text is None:
-          raise UserError(f'{arg} needs a value ({arg}=VALUE)')
-      overrides.append((key, text))
-    else:
-      rest.append(arg)
-  return rest, overrides
-
-
 def _parser() -> cli.ArgumentParser:
   parser = cli.ArgumentParser(prog='python -m tljax.transferability',
                               description=transferability.__doc__.split('\n')[0])
@@ -170,7 +153,7 @@ def source_model(config: ml_collections.ConfigDict) -> tuple[Any, dict[str, Any]
       config.model.num_classes, config.init.dont_load = classes, ()
   kwargs = {k: v for k, v in config.model.to_dict().items() if k != 'name'}
   model = build_model(config.model.name, **kwargs)
-  variables, report = build._variables(config, model)
+  variables, report = build.load_variables(config, model)
   head_loaded = classes is not None and not any(
       path.startswith('params/head/') for path in (report or {}).get('kept_fresh', ()))
   return model, variables, head_loaded
@@ -533,7 +516,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   console.tolerate_lost_output()
   argv = sys.argv[1:] if argv is None else list(argv)
   try:
-    rest, overrides = _split_overrides(argv)
+    rest, overrides = cli.split_config_overrides(argv)
     args = _parser().parse_args(rest)
     config = config_lib.apply_overrides(
         config_lib.load_config_file(args.config, ml_collections.ConfigDict), overrides,

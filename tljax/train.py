@@ -31,6 +31,7 @@ from tljax import (
   build,
   checkpoint,
   class_metrics,
+  cli,
   console,
   features,
   freeze,
@@ -657,21 +658,14 @@ def parse_flags(argv: list[str]) -> list[str]:
   """absl flags, with each `--config.KEY=VALUE` (or `--config.KEY VALUE`) set aside for the
   config: it is applied, by the key's type, to the file's config resolved against the defaults,
   so a key the file does not set can still be overridden. A bad flag is one line."""
-  rest = [argv[0]]
-  args = iter(argv[1:])
-  for arg in args:
-    if arg.startswith('--config.'):
-      key, has_value, text = arg[len('--config.'):].partition('=')
-      if not has_value:
-        text = next(args, None)
-        if text is None:
-          print(f'error: {arg} needs a value ({arg}=VALUE)', file=sys.stderr)
-          sys.exit(2)
-      _OVERRIDES.append((key, text))
-    else:
-      rest.append(arg)
   try:
-    return flags.FLAGS(rest)
+    rest, overrides = cli.split_config_overrides(argv[1:])
+  except UserError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  _OVERRIDES.extend(overrides)
+  try:
+    return flags.FLAGS([argv[0], *rest])
   except flags.Error as e:
     print(f'error: {e}', file=sys.stderr)
   sys.exit(2)
